@@ -1,0 +1,273 @@
+//! The keystore file: the wrapped data keys of every live segment, plus a small sealed
+//! meta block (id and time floors). Rewritten whole, crash-safely, by `keys::keystore`.
+
+use super::{check_crc, get_u16, get_u32, get_u64, need, FormatError, FORMAT_VERSION};
+use crate::error::CorruptionKind;
+
+pub const MAGIC: [u8; 8] = *b"CINDRKEY";
+pub const HEADER_LEN: usize = 48;
+const VERSION_AT: usize = 8;
+const COUNT_AT: usize = 12;
+const GENERATION_AT: usize = 16;
+const NEXT_SEGMENT_AT: usize = 24;
+const KEK_ID_AT: usize = 32;
+const BODY_LEN_AT: usize = 40;
+const CRC_AT: usize = 44;
+/// Fixed bytes of an entry before its wrapped key: segment id, dek id, kek id, sealed
+/// length, wrapped-key length.
+pub const ENTRY_FIXED: usize = 34;
+/// Plaintext of the sealed meta block: id floor and time floor.
+pub const META_PLAIN_LEN: usize = 16;
+/// Sealed meta block: plaintext plus tag.
+pub const META_SEALED_LEN: usize = META_PLAIN_LEN + super::frame::TAG_LEN;
+/// Largest wrapped key accepted (an HSM may wrap with more overhead than the file provider).
+pub const MAX_WRAPPED_LEN: usize = 1024;
+/// Most entries accepted in one keystore.
+pub const MAX_ENTRIES: usize = 1 << 22;
+
+/// One live segment's wrapped data key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyEntry {
+    pub segment_id: u64,
+    pub dek_id: u64,
+    pub kek_id: u64,
+    /// Length of the segment file once sealed; 0 while it is being written.
+    pub sealed_len: u64,
+    pub wrapped: Vec<u8>,
+}
+
+/// A decoded keystore file; the meta block is still sealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeystoreImage {
+    pub generation: u64,
+    pub next_segment_id: u64,
+    pub kek_id: u64,
+    pub entries: Vec<KeyEntry>,
+    /// The meta block's one-time key, wrapped by the provider.
+    pub meta_wrapped_key: Vec<u8>,
+    pub meta_sealed: [u8; META_SEALED_LEN],
+}
+
+impl KeystoreImage {
+    /// The associated data of the meta block: header bytes 0..40 and every entry. The
+    /// meta block's tag therefore authenticates the whole keystore under the KEK.
+    pub fn meta_aad(&self) -> Vec<u8> {
+        let mut a = self.header(0)[..40].to_vec();
+        self.encode_entries(&mut a);
+        a
+    }
+
+    fn encode_entries(&self, body: &mut Vec<u8>) {
+        for e in &self.entries {
+            body.extend_from_slice(&e.segment_id.to_le_bytes());
+            body.extend_from_slice(&e.dek_id.to_le_bytes());
+            body.extend_from_slice(&e.kek_id.to_le_bytes());
+            body.extend_from_slice(&e.sealed_len.to_le_bytes());
+            body.extend_from_slice(&(e.wrapped.len() as u16).to_le_bytes());
+            body.extend_from_slice(&e.wrapped);
+        }
+    }
+
+    fn header(&self, body_len: u32) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[..8].copy_from_slice(&MAGIC);
+        b[VERSION_AT..VERSION_AT + 4].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[COUNT_AT..COUNT_AT + 4].copy_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        b[GENERATION_AT..GENERATION_AT + 8].copy_from_slice(&self.generation.to_le_bytes());
+        b[NEXT_SEGMENT_AT..NEXT_SEGMENT_AT + 8]
+            .copy_from_slice(&self.next_segment_id.to_le_bytes());
+        b[KEK_ID_AT..KEK_ID_AT + 8].copy_from_slice(&self.kek_id.to_le_bytes());
+        b[BODY_LEN_AT..BODY_LEN_AT + 4].copy_from_slice(&body_len.to_le_bytes());
+        b
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        self.encode_entries(&mut body);
+        body.extend_from_slice(&(self.meta_wrapped_key.len() as u16).to_le_bytes());
+        body.extend_from_slice(&self.meta_wrapped_key);
+        body.extend_from_slice(&self.meta_sealed);
+        let crc = crc32fast::hash(&body);
+        body.extend_from_slice(&crc.to_le_bytes());
+        let mut out = self.header(body.len() as u32).to_vec();
+        let hcrc = crc32fast::hash(&out[..CRC_AT]);
+        out[CRC_AT..].copy_from_slice(&hcrc.to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Decodes a keystore file. Every length is validated before it is used.
+    pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
+        need(buf, 0, HEADER_LEN)?;
+        if buf[..8] != MAGIC {
+            return Err(FormatError::at(0, CorruptionKind::BadMagic));
+        }
+        check_crc(&buf[..CRC_AT], get_u32(buf, CRC_AT), CRC_AT)?;
+        let version = get_u32(buf, VERSION_AT);
+        if version != FORMAT_VERSION {
+            return Err(FormatError::Version {
+                expected: FORMAT_VERSION,
+                got: version,
+            });
+        }
+        let count = get_u32(buf, COUNT_AT) as usize;
+        if count > MAX_ENTRIES {
+            return Err(FormatError::at(
+                COUNT_AT,
+                CorruptionKind::BadField {
+                    field: "keystore entry count",
+                    value: count as u64,
+                },
+            ));
+        }
+        let body_len = get_u32(buf, BODY_LEN_AT) as usize;
+        need(buf, HEADER_LEN, body_len)?;
+        if buf.len() != HEADER_LEN + body_len || body_len < 4 {
+            return Err(FormatError::at(
+                BODY_LEN_AT,
+                CorruptionKind::BadField {
+                    field: "keystore body length",
+                    value: body_len as u64,
+                },
+            ));
+        }
+        let body = &buf[HEADER_LEN..];
+        let crc_at = body.len() - 4;
+        check_crc(&body[..crc_at], get_u32(body, crc_at), HEADER_LEN + crc_at)?;
+        let mut at = 0usize;
+        let mut entries = Vec::with_capacity(count.min(body.len() / ENTRY_FIXED));
+        for _ in 0..count {
+            need(body, at, ENTRY_FIXED).map_err(|e| shift(e, HEADER_LEN))?;
+            let wlen = get_u16(body, at + 32) as usize;
+            check_wrapped_len(wlen, HEADER_LEN + at + 32)?;
+            need(body, at + ENTRY_FIXED, wlen).map_err(|e| shift(e, HEADER_LEN))?;
+            entries.push(KeyEntry {
+                segment_id: get_u64(body, at),
+                dek_id: get_u64(body, at + 8),
+                kek_id: get_u64(body, at + 16),
+                sealed_len: get_u64(body, at + 24),
+                wrapped: body[at + ENTRY_FIXED..at + ENTRY_FIXED + wlen].to_vec(),
+            });
+            at += ENTRY_FIXED + wlen;
+        }
+        need(body, at, 2).map_err(|e| shift(e, HEADER_LEN))?;
+        let mlen = get_u16(body, at) as usize;
+        check_wrapped_len(mlen, HEADER_LEN + at)?;
+        need(body, at + 2, mlen + META_SEALED_LEN).map_err(|e| shift(e, HEADER_LEN))?;
+        let meta_wrapped_key = body[at + 2..at + 2 + mlen].to_vec();
+        let mut meta_sealed = [0u8; META_SEALED_LEN];
+        meta_sealed.copy_from_slice(&body[at + 2 + mlen..at + 2 + mlen + META_SEALED_LEN]);
+        at += 2 + mlen + META_SEALED_LEN;
+        if at != crc_at {
+            return Err(FormatError::at(
+                HEADER_LEN + at,
+                CorruptionKind::BadField {
+                    field: "keystore trailing bytes",
+                    value: (crc_at - at.min(crc_at)) as u64,
+                },
+            ));
+        }
+        Ok(KeystoreImage {
+            generation: get_u64(buf, GENERATION_AT),
+            next_segment_id: get_u64(buf, NEXT_SEGMENT_AT),
+            kek_id: get_u64(buf, KEK_ID_AT),
+            entries,
+            meta_wrapped_key,
+            meta_sealed,
+        })
+    }
+}
+
+fn check_wrapped_len(len: usize, at: usize) -> Result<(), FormatError> {
+    if len == 0 || len > MAX_WRAPPED_LEN {
+        return Err(FormatError::at(
+            at,
+            CorruptionKind::BadField {
+                field: "wrapped key length",
+                value: len as u64,
+            },
+        ));
+    }
+    Ok(())
+}
+
+fn shift(e: FormatError, by: usize) -> FormatError {
+    match e {
+        FormatError::Corrupt { offset, kind } => FormatError::Corrupt {
+            offset: offset + by as u64,
+            kind,
+        },
+        v @ FormatError::Version { .. } => v,
+    }
+}
+
+/// Encodes the meta block's plaintext.
+pub fn encode_meta(id_floor: u64, time_floor_ms: u64) -> [u8; META_PLAIN_LEN] {
+    let mut b = [0u8; META_PLAIN_LEN];
+    b[..8].copy_from_slice(&id_floor.to_le_bytes());
+    b[8..].copy_from_slice(&time_floor_ms.to_le_bytes());
+    b
+}
+
+/// Decodes the meta block's plaintext: (id floor, time floor).
+pub fn decode_meta(b: &[u8; META_PLAIN_LEN]) -> (u64, u64) {
+    (get_u64(b, 0), get_u64(b, 8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> KeystoreImage {
+        KeystoreImage {
+            generation: 3,
+            next_segment_id: 10,
+            kek_id: 77,
+            entries: vec![
+                KeyEntry {
+                    segment_id: 4,
+                    dek_id: 4,
+                    kek_id: 77,
+                    sealed_len: 0,
+                    wrapped: vec![1; 72],
+                },
+                KeyEntry {
+                    segment_id: 9,
+                    dek_id: 9,
+                    kek_id: 77,
+                    sealed_len: 4096,
+                    wrapped: vec![2; 72],
+                },
+            ],
+            meta_wrapped_key: vec![3; 72],
+            meta_sealed: [4; META_SEALED_LEN],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let k = sample();
+        assert_eq!(KeystoreImage::decode(&k.encode()).unwrap(), k);
+    }
+
+    #[test]
+    fn every_flipped_byte_and_every_truncation_is_detected() {
+        let b = sample().encode();
+        for i in 0..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 0x10;
+            assert!(KeystoreImage::decode(&c).is_err(), "flip at {i} accepted");
+        }
+        for n in 0..b.len() {
+            assert!(
+                KeystoreImage::decode(&b[..n]).is_err(),
+                "truncation to {n} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn meta_round_trip() {
+        assert_eq!(decode_meta(&encode_meta(5, 6)), (5, 6));
+    }
+}

@@ -1,0 +1,140 @@
+//! Pure byte encoding and decoding of every on-disk structure. No I/O, no key state:
+//! this is what the fuzz targets hit. `engine-format.md` documents each layout; the
+//! `doc_consts` test below checks that the documented sizes match these constants.
+
+pub mod frame;
+pub mod keystore;
+pub mod segment_header;
+
+use crate::error::CorruptionKind;
+
+/// The on-disk format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A decode failure, relative to the start of the decoded buffer.
+/// Callers add the file name and absolute offset to make an [`crate::Error::Corruption`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FormatError {
+    /// Structural damage at `offset` (relative to the buffer passed in).
+    Corrupt { offset: u64, kind: CorruptionKind },
+    /// The structure has a format version this build does not read.
+    Version { expected: u32, got: u32 },
+}
+
+impl FormatError {
+    pub(crate) fn at(offset: usize, kind: CorruptionKind) -> Self {
+        FormatError::Corrupt {
+            offset: offset as u64,
+            kind,
+        }
+    }
+
+    /// Turns a relative decode failure into a typed engine error.
+    pub(crate) fn into_error(self, file: &std::path::Path, base: u64) -> crate::Error {
+        match self {
+            FormatError::Corrupt { offset, kind } => {
+                crate::Error::corruption(file, base + offset, kind)
+            }
+            FormatError::Version { expected, got } => crate::Error::UnsupportedVersion {
+                file: file.to_path_buf(),
+                expected,
+                got,
+            },
+        }
+    }
+}
+
+pub(crate) fn get_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+pub(crate) fn get_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+pub(crate) fn get_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+pub(crate) fn need(buf: &[u8], at: usize, len: usize) -> Result<(), FormatError> {
+    if buf.len() < at.saturating_add(len) {
+        return Err(FormatError::at(
+            at,
+            CorruptionKind::Truncated {
+                needed: len as u64,
+                available: buf.len().saturating_sub(at) as u64,
+            },
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_crc(buf: &[u8], stored: u32, at: usize) -> Result<(), FormatError> {
+    let got = crc32fast::hash(buf);
+    if got != stored {
+        return Err(FormatError::at(
+            at,
+            CorruptionKind::ChecksumMismatch {
+                expected: stored,
+                got,
+            },
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod doc_consts {
+    //! Every size and offset written in `engine-format.md` must equal the code's const.
+    use super::*;
+
+    fn doc() -> String {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/engine-format.md")).unwrap()
+    }
+
+    fn documented(name: &str) -> u64 {
+        // The doc states each constant as "`NAME` = value".
+        let doc = doc();
+        let needle = format!("`{name}` = ");
+        let at = doc
+            .find(&needle)
+            .unwrap_or_else(|| panic!("{name} not documented"));
+        let rest = &doc[at + needle.len()..];
+        let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap();
+        rest[..end].parse().unwrap()
+    }
+
+    #[test]
+    fn documented_sizes_match_code() {
+        assert_eq!(documented("FORMAT_VERSION"), u64::from(FORMAT_VERSION));
+        assert_eq!(
+            documented("SEGMENT_HEADER_LEN"),
+            segment_header::HEADER_LEN as u64
+        );
+        assert_eq!(
+            documented("FRAME_HEADER_LEN"),
+            frame::FRAME_HEADER_LEN as u64
+        );
+        assert_eq!(documented("TAG_LEN"), frame::TAG_LEN as u64);
+        assert_eq!(
+            documented("MESSAGE_META_FIXED"),
+            frame::MESSAGE_META_FIXED as u64
+        );
+        assert_eq!(documented("SEAL_META_LEN"), frame::SEAL_META_LEN as u64);
+        assert_eq!(
+            documented("KEYSTORE_HEADER_LEN"),
+            keystore::HEADER_LEN as u64
+        );
+        assert_eq!(
+            documented("KEYSTORE_ENTRY_FIXED"),
+            keystore::ENTRY_FIXED as u64
+        );
+        assert_eq!(
+            documented("KEYSTORE_META_PLAIN"),
+            keystore::META_PLAIN_LEN as u64
+        );
+        assert_eq!(documented("AAD_LEN"), frame::AAD_LEN as u64);
+    }
+}

@@ -1,0 +1,86 @@
+//! Small filesystem helpers: private permissions, crash-safe replace, directory fsync,
+//! and the exclusive directory lock.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Creates `dir` (and parents) with mode 0700 if it does not exist.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io("create data dir", dir, e))
+}
+
+/// Opens a new file with mode 0600, failing if it exists.
+pub fn create_private_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io("create file", path, e))
+}
+
+/// fsyncs a directory so that creations, renames and unlinks in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("fsync dir", dir, e))
+}
+
+/// Replaces `path` with `bytes` crash-safely: write a temp file (0600), fsync it, rename
+/// it over `path`, fsync the directory. A crash leaves either the old or the new file.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    let _ = fs::remove_file(&tmp);
+    let mut f = create_private_file(&tmp)?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io("write temp file", &tmp, e))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// The temp-file name used by [`replace_file`].
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
+}
+
+/// An exclusive lock on a data dir, held for the life of a `Store`.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Takes the lock, or fails with [`Error::Locked`] if any process (this one included)
+    /// holds it.
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        let path = dir.join("LOCK");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Error::io("open lock file", &path, e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(DirLock { _file: file }),
+            Err(fs::TryLockError::WouldBlock) => Err(Error::Locked {
+                dir: dir.to_path_buf(),
+            }),
+            Err(fs::TryLockError::Error(e)) => Err(Error::io("lock data dir", &path, e)),
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Background maintenance: the reaper. It retires old and dead active segments, removes
+//! expired messages from the index, and shreds every segment whose records are all dead:
+//! drop the keys from the keystore (durably, one keystore write for the whole batch),
+//! then unlink the files.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::Result;
+use crate::fsutil;
+use crate::segment::Segment;
+use crate::store::Inner;
+
+/// Wakes the reaper early (an ack killed the last message of a segment, a segment was
+/// sealed) and stops it.
+#[derive(Debug, Default)]
+pub struct ReaperSignal {
+    state: Mutex<(bool, bool)>, // (poked, stop)
+    cv: Condvar,
+}
+
+impl ReaperSignal {
+    pub fn poke(&self) {
+        let mut s = self.state.lock();
+        s.0 = true;
+        self.cv.notify_one();
+    }
+
+    pub fn stop(&self) {
+        let mut s = self.state.lock();
+        s.1 = true;
+        self.cv.notify_one();
+    }
+
+    /// Sleeps until poked, stopped or `timeout`; `false` = stop.
+    fn sleep(&self, timeout: Duration) -> bool {
+        let mut s = self.state.lock();
+        if !s.0 && !s.1 {
+            self.cv.wait_for(&mut s, timeout);
+        }
+        s.0 = false;
+        !s.1
+    }
+}
+
+/// The reaper thread's loop.
+pub fn run_reaper(inner: &Arc<Inner>) {
+    let tick =
+        (inner.opts.max_shred_delay / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut shard = 0usize;
+    while inner.reaper.sleep(tick) {
+        // Errors are kept for `stats()`; the next tick retries.
+        if let Err(e) = maintain(inner, &mut shard, 4) {
+            *inner.last_gc_error.lock() = Some(e.to_string());
+        }
+    }
+}
+
+/// One maintenance pass: retire, sweep `shards` index shards, shred what is dead.
+/// Returns the number of segments shredded.
+pub fn maintain(inner: &Inner, next_shard: &mut usize, shards: usize) -> Result<usize> {
+    let now = inner.now_ms();
+    inner.writer.retire(now);
+    let mut expired = Vec::new();
+    for _ in 0..shards {
+        inner.index.sweep_shard(*next_shard, now, &mut expired);
+        *next_shard = (*next_shard + 1) % crate::index::Index::shard_count();
+    }
+    inner.drop_expired(&expired);
+    shred_dead(inner, now)
+}
+
+/// Shreds every closed segment whose records are all dead and whose ack records no
+/// longer protect a live segment.
+pub fn shred_dead(inner: &Inner, now: u64) -> Result<usize> {
+    let active: HashSet<u64> = inner.writer.active_ids().into_iter().collect();
+    let all = inner.segments.all();
+    let mut doomed: HashSet<u64> = HashSet::new();
+    // Fixpoint: shredding a segment releases the ack segments that only protected it.
+    loop {
+        let before = doomed.len();
+        for s in &all {
+            if doomed.contains(&s.id) || active.contains(&s.id) || !s.closed.load(Ordering::SeqCst)
+            {
+                continue;
+            }
+            if is_dead(s, now) && protects_nothing(inner, s, &doomed) {
+                doomed.insert(s.id);
+            }
+        }
+        if doomed.len() == before {
+            break;
+        }
+    }
+    if doomed.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<u64> = doomed.iter().copied().collect();
+    // 1. Keys out of the keystore, durably. From here the records are unreadable.
+    inner.keyring.shred(&ids)?;
+    // 2. Files out of the directory, and the in-memory keys dropped (zeroized once the
+    //    last reader lets go).
+    for id in &ids {
+        if let Some(seg) = inner.segments.remove(*id) {
+            seg.shredded.store(true, Ordering::SeqCst);
+            for src in std::mem::take(&mut seg.links.lock().ack_sources) {
+                if let Some(a) = inner.segments.get(src) {
+                    a.links.lock().ack_targets.remove(id);
+                }
+            }
+            inner.writer.disk_used.fetch_sub(
+                seg.data_len()
+                    .min(inner.writer.disk_used.load(Ordering::SeqCst)),
+                Ordering::SeqCst,
+            );
+            let _ = std::fs::remove_file(&seg.path);
+        }
+    }
+    fsutil::sync_dir(&inner.dir)?;
+    inner.shreds.fetch_add(ids.len() as u64, Ordering::SeqCst);
+    Ok(ids.len())
+}
+
+fn is_dead(s: &Segment, now: u64) -> bool {
+    let records = s.records.load(Ordering::SeqCst);
+    s.live.load(Ordering::SeqCst) == 0
+        || (records > 0 && s.max_expiry_ms.load(Ordering::SeqCst) <= now)
+}
+
+fn protects_nothing(inner: &Inner, s: &Segment, doomed: &HashSet<u64>) -> bool {
+    let mut links = s.links.lock();
+    // Forget targets that are already gone.
+    links
+        .ack_targets
+        .retain(|t| inner.segments.get(*t).is_some());
+    links.ack_targets.iter().all(|t| doomed.contains(t))
+}

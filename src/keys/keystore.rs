@@ -1,0 +1,209 @@
+//! The persisted keystore: wrapped data keys of live segments, rewritten whole and
+//! crash-safely on every change (segment created, segments shredded).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use super::KeyProvider;
+use crate::crypto::{Dek, SealKey, TAG_LEN};
+use crate::error::{CorruptionKind, Error, Result};
+use crate::format::keystore::{
+    self as fmt, KeyEntry, KeystoreImage, META_PLAIN_LEN, META_SEALED_LEN,
+};
+use crate::fsutil;
+
+/// File name of the keystore inside the data dir.
+pub const FILE_NAME: &str = "KEYS";
+
+/// In-memory copy of the keystore.
+#[derive(Debug)]
+pub struct KeyStore {
+    path: PathBuf,
+    generation: u64,
+    pub next_segment_id: u64,
+    entries: BTreeMap<u64, KeyEntry>,
+    /// Every message id ever issued is below this or inside a live segment.
+    pub id_floor: u64,
+    /// The latest clock reading persisted (expiry never goes backwards past it).
+    pub time_floor_ms: u64,
+}
+
+fn dek_context(segment_id: u64, dek_id: u64) -> [u8; 26] {
+    let mut c = [0u8; 26];
+    c[..10].copy_from_slice(b"cinder dek");
+    c[10..18].copy_from_slice(&segment_id.to_le_bytes());
+    c[18..].copy_from_slice(&dek_id.to_le_bytes());
+    c
+}
+
+const META_CONTEXT: &[u8] = b"cinder keystore meta";
+
+impl KeyStore {
+    pub fn path_in(dir: &Path) -> PathBuf {
+        dir.join(FILE_NAME)
+    }
+
+    /// A fresh, empty keystore (not yet persisted).
+    pub fn new_empty(dir: &Path) -> Self {
+        KeyStore {
+            path: Self::path_in(dir),
+            generation: 0,
+            next_segment_id: 1,
+            entries: BTreeMap::new(),
+            id_floor: 1,
+            time_floor_ms: 0,
+        }
+    }
+
+    /// Loads the keystore, or `None` if the file does not exist. Checks that `provider`
+    /// holds the KEK the keystore was written with, and opens the sealed meta block.
+    pub fn load(dir: &Path, provider: &dyn KeyProvider) -> Result<Option<Self>> {
+        let path = Self::path_in(dir);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("read keystore", &path, e)),
+        };
+        let img = KeystoreImage::decode(&bytes).map_err(|e| e.into_error(&path, 0))?;
+        if img.kek_id != provider.kek_id() {
+            return Err(Error::WrongMasterKey {
+                expected: img.kek_id,
+                got: provider.kek_id(),
+            });
+        }
+        let meta_at = bytes.len() - 4 - META_SEALED_LEN;
+        let auth =
+            || Error::corruption(&path, meta_at as u64, CorruptionKind::AuthenticationFailed);
+        let meta_key = provider
+            .unwrap(&img.meta_wrapped_key, META_CONTEXT)?
+            .ok_or_else(auth)?;
+        let mut plain = Zeroizing::new([0u8; META_PLAIN_LEN]);
+        plain.copy_from_slice(&img.meta_sealed[..META_PLAIN_LEN]);
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&img.meta_sealed[META_PLAIN_LEN..]);
+        if !SealKey::new(&meta_key).open([0; 12], &img.meta_aad(), plain.as_mut(), &tag) {
+            return Err(auth());
+        }
+        let (id_floor, time_floor_ms) = fmt::decode_meta(&plain);
+        let mut entries = BTreeMap::new();
+        for e in img.entries {
+            if e.segment_id >= img.next_segment_id || entries.contains_key(&e.segment_id) {
+                return Err(Error::corruption(
+                    &path,
+                    0,
+                    CorruptionKind::BadField {
+                        field: "keystore entry segment id",
+                        value: e.segment_id,
+                    },
+                ));
+            }
+            entries.insert(e.segment_id, e);
+        }
+        Ok(Some(KeyStore {
+            path,
+            generation: img.generation,
+            next_segment_id: img.next_segment_id,
+            entries,
+            id_floor,
+            time_floor_ms,
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Segment ids that have a key.
+    pub fn segment_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.entries.keys().copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn contains(&self, segment_id: u64) -> bool {
+        self.entries.contains_key(&segment_id)
+    }
+
+    /// Allocates the next segment id.
+    pub fn allocate_segment_id(&mut self) -> u64 {
+        let id = self.next_segment_id;
+        self.next_segment_id += 1;
+        id
+    }
+
+    /// Adds (in memory) the wrapped key of a new segment. Persist before using the key.
+    pub fn add(&mut self, segment_id: u64, dek: &Dek, provider: &dyn KeyProvider) -> Result<()> {
+        let wrapped = provider.wrap(dek, &dek_context(segment_id, segment_id))?;
+        self.entries.insert(
+            segment_id,
+            KeyEntry {
+                segment_id,
+                dek_id: segment_id,
+                kek_id: provider.kek_id(),
+                sealed_len: 0,
+                wrapped,
+            },
+        );
+        Ok(())
+    }
+
+    /// Records (in memory) the final length of a sealed segment. Persist to make it
+    /// count: recovery then refuses a shorter (older or truncated) copy of the file.
+    pub fn mark_sealed(&mut self, segment_id: u64, len: u64) {
+        if let Some(e) = self.entries.get_mut(&segment_id) {
+            e.sealed_len = len;
+        }
+    }
+
+    /// The sealed length recorded for a segment (0 = not sealed when last persisted).
+    pub fn sealed_len(&self, segment_id: u64) -> u64 {
+        self.entries.get(&segment_id).map_or(0, |e| e.sealed_len)
+    }
+
+    /// Removes (in memory) a segment's key. Persist to make the shred durable.
+    pub fn remove(&mut self, segment_id: u64) -> bool {
+        self.entries.remove(&segment_id).is_some()
+    }
+
+    /// Unwraps the data key of a segment.
+    pub fn unwrap_key(&self, segment_id: u64, provider: &dyn KeyProvider) -> Result<Option<Dek>> {
+        let Some(e) = self.entries.get(&segment_id) else {
+            return Ok(None);
+        };
+        match provider.unwrap(&e.wrapped, &dek_context(e.segment_id, e.dek_id))? {
+            Some(k) => Ok(Some(k)),
+            None => Err(Error::corruption(
+                &self.path,
+                0,
+                CorruptionKind::AuthenticationFailed,
+            )),
+        }
+    }
+
+    /// Writes the keystore crash-safely (temp file, fsync, rename, fsync dir) under a new
+    /// generation number.
+    pub fn persist(&mut self, provider: &dyn KeyProvider) -> Result<()> {
+        let generation = self.generation + 1;
+        let meta_key = Dek::generate()?;
+        let mut img = KeystoreImage {
+            generation,
+            next_segment_id: self.next_segment_id,
+            kek_id: provider.kek_id(),
+            entries: self.entries.values().cloned().collect(),
+            meta_wrapped_key: provider.wrap(&meta_key, META_CONTEXT)?,
+            meta_sealed: [0; META_SEALED_LEN],
+        };
+        let mut plain = fmt::encode_meta(self.id_floor, self.time_floor_ms);
+        // The meta key is fresh for every write, so the fixed nonce is never reused.
+        let tag = SealKey::new(&meta_key).seal([0; 12], &img.meta_aad(), &mut plain);
+        img.meta_sealed[..META_PLAIN_LEN].copy_from_slice(&plain);
+        img.meta_sealed[META_PLAIN_LEN..].copy_from_slice(&tag);
+        fsutil::replace_file(&self.path, &img.encode())?;
+        self.generation = generation;
+        Ok(())
+    }
+}

@@ -1,0 +1,37 @@
+//! Key management: the [`KeyProvider`] trait (wraps data keys under a key-encryption key),
+//! the file-backed provider, and the persisted keystore of wrapped data keys.
+
+mod file;
+pub(crate) mod keyring;
+pub(crate) mod keystore;
+
+use std::path::Path;
+
+pub use file::FileKeyProvider;
+
+use crate::crypto::Dek;
+use crate::error::Result;
+
+/// Holds a key-encryption key (KEK) and wraps / unwraps data keys with it.
+///
+/// Implementations: [`FileKeyProvider`] (a 32-byte key file). An HSM provider (PKCS#11)
+/// keeps the KEK inside the token; the trait never asks for the KEK itself.
+/// Calls happen per segment (creation, open, shred), never per message.
+pub trait KeyProvider: Send + Sync + std::fmt::Debug {
+    /// A public, stable fingerprint of the KEK, stored in the keystore so that opening
+    /// with the wrong key is a clear error.
+    fn kek_id(&self) -> u64;
+
+    /// Wraps `dek`. `context` is bound to the result: unwrapping with another context fails.
+    fn wrap(&self, dek: &Dek, context: &[u8]) -> Result<Vec<u8>>;
+
+    /// Unwraps a key. `Ok(None)` means the wrapped bytes did not authenticate (damaged,
+    /// or wrapped under another KEK or context); `Err` means the provider itself failed.
+    fn unwrap(&self, wrapped: &[u8], context: &[u8]) -> Result<Option<Dek>>;
+
+    /// The key file's path, if the KEK lives in a file (used to refuse a key inside the
+    /// data dir).
+    fn key_file(&self) -> Option<&Path> {
+        None
+    }
+}

@@ -1,0 +1,41 @@
+//! # cinder
+//!
+//! An embedded storage engine for encrypted, ephemeral messages: the queue of undelivered
+//! messages inside a relay server. A message lives on disk only until its recipient acks
+//! it or it expires. Every record is sealed with ChaCha20-Poly1305 under its segment's own
+//! data key; deletion destroys keys (crypto-shredding), while the ack itself is O(1).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use cinder::{FileKeyProvider, Options, Store};
+//!
+//! let key = FileKeyProvider::open_or_create("/etc/cinder/master.key", true)?;
+//! let store = Store::open("/var/lib/cinder", Options::new(Arc::new(key)))?;
+//! let id = store.append(b"alice", b"hello", Duration::from_secs(3600))?;
+//! let page = store.read(b"alice", None, 100)?;
+//! assert_eq!(page[0].payload, b"hello");
+//! assert!(store.ack(b"alice", id)?);
+//! # Ok::<(), cinder::Error>(())
+//! ```
+//!
+//! See `engine-format.md` for the on-disk format and the guarantees it supports.
+
+pub mod crypto;
+mod error;
+pub mod format;
+mod fsutil;
+mod gc;
+mod index;
+pub mod keys;
+mod options;
+mod recovery;
+mod segment;
+mod store;
+mod writer;
+
+pub use error::{CorruptionKind, Error, Result};
+pub use keys::{FileKeyProvider, KeyProvider};
+pub use options::{Clock, Durability, ManualClock, Options, RecoveryMode, SystemClock};
+pub use recovery::RecoveryReport;
+pub use store::{Message, MessageId, NewMessage, Stats, Store};

@@ -1,0 +1,182 @@
+//! Store configuration, durability modes, recovery policy and the injectable clock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+use crate::format::frame::MAX_BODY_LEN;
+use crate::keys::KeyProvider;
+
+/// When a write (append, ack, purge) returns relative to its fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Each call returns only after an fsync that started after its data was written.
+    /// Survives `kill -9` and power loss.
+    Sync,
+    /// Callers still wait until their data is durable, but everyone waiting shares one
+    /// fsync. The writer may hold a batch open for up to `max_delay` to let more callers
+    /// join (only while callers keep arriving). Survives `kill -9` and power loss.
+    Group { max_delay: Duration },
+    /// Calls return before the fsync. Data reaches the OS within a few milliseconds and
+    /// the disk within `Options::async_sync_interval`; a power loss (not a process crash
+    /// after the write reached the OS) can lose that window.
+    Async,
+}
+
+impl Default for Durability {
+    fn default() -> Self {
+        Durability::Group {
+            max_delay: Duration::from_millis(1),
+        }
+    }
+}
+
+/// What recovery does with damage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecoveryMode {
+    /// Truncate a torn tail of a segment that was still being written at the crash
+    /// (reported in `RecoveryReport`); any other damage fails the open with
+    /// `Error::Corruption`.
+    #[default]
+    TolerateTornTail,
+    /// Like `TolerateTornTail`, but a segment with damage elsewhere is moved to
+    /// `quarantine/` and reported instead of failing the open. Its messages are lost.
+    QuarantineDamaged,
+    /// Any damage, a torn tail included, fails the open.
+    Strict,
+}
+
+/// A source of wall-clock time in milliseconds since the Unix epoch.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    fn now_ms(&self) -> u64;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// A clock moved by hand, for tests: time only moves when told to.
+#[derive(Debug)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    pub fn new(start_ms: u64) -> Arc<Self> {
+        Arc::new(ManualClock(AtomicU64::new(start_ms)))
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    pub fn set(&self, ms: u64) {
+        self.0.store(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Configuration of a [`crate::Store`]. Start from [`Options::new`] and change fields.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Wraps and unwraps the per-segment data keys.
+    pub key_provider: Arc<dyn KeyProvider>,
+    pub durability: Durability,
+    /// Size at which a segment is closed and a new one started (default 64 MiB;
+    /// 64 KiB ..= 1 GiB). Smaller segments shred sooner; larger ones mean fewer files.
+    pub segment_size: u64,
+    /// Largest payload accepted (default 256 KiB, at most 16 MiB).
+    pub max_message_size: usize,
+    /// Longest TTL accepted (default 30 days).
+    pub max_ttl: Duration,
+    /// Messages per queue, at most (default 100,000).
+    pub max_queue_len: u64,
+    /// Payload bytes per queue, at most (default 1 GiB).
+    pub max_queue_bytes: u64,
+    /// Bytes the data dir may use (default 64 GiB).
+    pub max_disk_bytes: u64,
+    /// Bound on how long an acked or expired message stays decryptable (default 60 s).
+    /// Whole dead segments are shredded well within it; rewriting partly dead segments
+    /// (compaction) is what enforces it for the rest.
+    pub max_shred_delay: Duration,
+    /// How often Async data is fsynced (default 100 ms): the Async loss window.
+    pub async_sync_interval: Duration,
+    /// Where "now" comes from (default: the system clock).
+    pub clock: Arc<dyn Clock>,
+    pub recovery: RecoveryMode,
+    /// Allow the key file to live inside the data dir (default false: a thief of the
+    /// data dir would get the key too).
+    pub allow_key_in_data_dir: bool,
+    /// Start background threads (reaper, writer). Always true outside tests that drive
+    /// maintenance by hand with [`crate::Store::maintain`].
+    pub background_reaper: bool,
+}
+
+impl Options {
+    /// Defaults for everything but the key provider.
+    pub fn new(key_provider: Arc<dyn KeyProvider>) -> Self {
+        Options {
+            key_provider,
+            durability: Durability::default(),
+            segment_size: 64 << 20,
+            max_message_size: 256 << 10,
+            max_ttl: Duration::from_secs(30 * 24 * 3600),
+            max_queue_len: 100_000,
+            max_queue_bytes: 1 << 30,
+            max_disk_bytes: 64 << 30,
+            max_shred_delay: Duration::from_secs(60),
+            async_sync_interval: Duration::from_millis(100),
+            clock: Arc::new(SystemClock),
+            recovery: RecoveryMode::default(),
+            allow_key_in_data_dir: false,
+            background_reaper: true,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidOptions(m));
+        if !(64 << 10..=1 << 30).contains(&self.segment_size) {
+            return bad(format!(
+                "segment_size {} not in 64 KiB ..= 1 GiB",
+                self.segment_size
+            ));
+        }
+        if self.max_message_size == 0 || self.max_message_size > MAX_BODY_LEN - 16 {
+            return bad(format!(
+                "max_message_size {} not in 1 ..= 16 MiB",
+                self.max_message_size
+            ));
+        }
+        if (self.max_message_size as u64 + 1024) * 2 > self.segment_size {
+            return bad("segment_size must hold at least two maximum-size messages".into());
+        }
+        if self.max_ttl.is_zero() {
+            return bad("max_ttl must be positive".into());
+        }
+        if self.max_shred_delay.is_zero() {
+            return bad("max_shred_delay must be positive".into());
+        }
+        if let Durability::Group { max_delay } = self.durability {
+            if max_delay > Duration::from_secs(1) {
+                return bad("Group max_delay must be at most 1 s".into());
+            }
+        }
+        if self.async_sync_interval.is_zero() || self.async_sync_interval > Duration::from_secs(10)
+        {
+            return bad("async_sync_interval must be in (0, 10 s]".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,547 @@
+//! Opening a data dir: lock it, load and check the keystore, reconcile it with the
+//! segment files, scan every segment (in parallel), truncate torn tails, rebuild the
+//! index, and apply ack records.
+
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::crypto::{Dek, SealKey};
+use crate::error::{CorruptionKind, Error, Result};
+use crate::format::frame::{FrameHeader, FrameKind};
+use crate::format::segment_header::{SegmentHeader, HEADER_LEN};
+use crate::fsutil;
+use crate::keys::keystore::{KeyStore, FILE_NAME as KEYSTORE_FILE};
+use crate::keys::KeyProvider;
+use crate::options::RecoveryMode;
+use crate::segment::codec::{self, Opened, SEAL_FRAME_LEN};
+use crate::segment::{self, Segment};
+
+/// Ids are skipped by this much at every open, so an id handed out in Async mode but
+/// lost in a crash is never issued again.
+pub const ID_SKIP_ON_OPEN: u64 = 1 << 24;
+
+/// What recovery found and did. Returned by [`crate::Store::recovery_report`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segments scanned.
+    pub segments: usize,
+    /// Segments that were still being written at the last stop (no seal) and were
+    /// sealed by recovery.
+    pub unsealed: usize,
+    /// Torn tails cut: (file, offset of the first bad byte, bytes dropped that were not
+    /// zero). Only in segments that were being written at a crash.
+    pub truncated: Vec<(PathBuf, u64, u64)>,
+    /// Segment files without a key (a shred interrupted between its two steps): deleted.
+    pub deleted_unkeyed: Vec<PathBuf>,
+    /// Keys without a segment file (a creation interrupted): dropped.
+    pub orphan_keys: usize,
+    /// Files in the data dir that cinder does not know (left alone).
+    pub unknown_files: Vec<PathBuf>,
+    /// Message records read.
+    pub records: u64,
+    /// Live messages rebuilt into the index.
+    pub live: u64,
+    /// Bytes of segment data scanned.
+    pub bytes_scanned: u64,
+}
+
+/// A live message found on disk.
+#[derive(Debug)]
+pub struct FoundMessage {
+    pub queue: Vec<u8>,
+    pub id: u64,
+    pub seg: u64,
+    pub off: u64,
+    pub len: u32,
+    pub expires_at_ms: u64,
+}
+
+/// Everything `Store::open` needs.
+#[derive(Debug)]
+pub struct Recovered {
+    pub keystore: KeyStore,
+    pub segments: Vec<Arc<Segment>>,
+    pub messages: Vec<FoundMessage>,
+    pub next_id: u64,
+    pub report: RecoveryReport,
+}
+
+struct Scanned {
+    seg: Segment,
+    messages: Vec<FoundMessage>,
+    acks: Vec<u64>,
+    max_id: u64,
+    truncated: Option<(u64, u64)>,
+    was_sealed: bool,
+    bytes: u64,
+}
+
+/// Files found in the data dir.
+struct Listing {
+    segments: HashMap<u64, PathBuf>,
+    unknown: Vec<PathBuf>,
+}
+
+fn list_dir(dir: &Path) -> Result<Listing> {
+    let mut l = Listing {
+        segments: HashMap::new(),
+        unknown: Vec::new(),
+    };
+    for entry in fs::read_dir(dir).map_err(|e| Error::io("list data dir", dir, e))? {
+        let entry = entry.map_err(|e| Error::io("list data dir", dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if let Some(id) = segment::parse_file_name(&name) {
+            l.segments.insert(id, entry.path());
+        } else if name == format!("{KEYSTORE_FILE}.tmp") {
+            // An interrupted keystore write: the rename never happened, the old file rules.
+            fs::remove_file(entry.path())
+                .map_err(|e| Error::io("remove temp keystore", entry.path(), e))?;
+        } else if name != KEYSTORE_FILE && name != "LOCK" {
+            l.unknown.push(entry.path());
+        }
+    }
+    Ok(l)
+}
+
+/// Loads the keystore, or creates an empty one for a new data dir.
+fn load_keystore(dir: &Path, provider: &dyn KeyProvider, has_segments: bool) -> Result<KeyStore> {
+    match KeyStore::load(dir, provider)? {
+        Some(ks) => Ok(ks),
+        None if !has_segments => {
+            let mut ks = KeyStore::new_empty(dir);
+            ks.persist(provider)?;
+            Ok(ks)
+        }
+        None => Err(Error::corruption(
+            KeyStore::path_in(dir),
+            0,
+            CorruptionKind::MissingKeystore,
+        )),
+    }
+}
+
+/// Matches segment files with keys. Returns the files whose key was shredded (to delete);
+/// drops keys without files from `ks`.
+fn reconcile(
+    ks: &mut KeyStore,
+    files: &HashMap<u64, PathBuf>,
+    report: &mut RecoveryReport,
+) -> Result<Vec<PathBuf>> {
+    let mut unkeyed = Vec::new();
+    for (&id, path) in files {
+        if ks.contains(id) {
+            continue;
+        }
+        if id >= ks.next_segment_id {
+            return Err(Error::corruption(
+                ks.path(),
+                0,
+                CorruptionKind::StaleKeystore {
+                    segment_id: id,
+                    next_segment_id: ks.next_segment_id,
+                },
+            ));
+        }
+        unkeyed.push(path.clone());
+    }
+    let orphans: Vec<u64> = ks
+        .segment_ids()
+        .filter(|id| !files.contains_key(id))
+        .collect();
+    for id in &orphans {
+        ks.remove(*id);
+    }
+    report.orphan_keys = orphans.len();
+    Ok(unkeyed)
+}
+
+/// Recovers the data dir (already locked by the caller).
+pub fn recover(
+    dir: &Path,
+    provider: &dyn KeyProvider,
+    mode: RecoveryMode,
+    now_ms: u64,
+) -> Result<Recovered> {
+    let listing = list_dir(dir)?;
+    let mut report = RecoveryReport {
+        unknown_files: listing.unknown,
+        ..RecoveryReport::default()
+    };
+    let mut ks = load_keystore(dir, provider, !listing.segments.is_empty())?;
+    let unkeyed = reconcile(&mut ks, &listing.segments, &mut report)?;
+    let mut work = Vec::new();
+    let mut ids: Vec<u64> = ks.segment_ids().collect();
+    ids.sort_unstable();
+    for id in ids {
+        let dek = ks
+            .unwrap_key(id, provider)?
+            .ok_or_else(|| Error::corruption(ks.path(), 0, CorruptionKind::AuthenticationFailed))?;
+        work.push((id, listing.segments[&id].clone(), dek, ks.sealed_len(id)));
+    }
+    let scanned = scan_all(work, mode)?;
+    let (segments, messages, max_id) = rebuild(scanned, &mut ks, &mut report, now_ms);
+    let next_id = max_id
+        .max(ks.id_floor)
+        .saturating_add(1)
+        .saturating_add(ID_SKIP_ON_OPEN);
+    ks.id_floor = next_id;
+    ks.time_floor_ms = ks.time_floor_ms.max(now_ms);
+    ks.persist(provider)?;
+    // Keys of these are gone already: finish the interrupted shreds.
+    for p in &unkeyed {
+        fs::remove_file(p).map_err(|e| Error::io("remove shredded segment", p, e))?;
+    }
+    if !unkeyed.is_empty() {
+        fsutil::sync_dir(dir)?;
+    }
+    report.deleted_unkeyed = unkeyed;
+    Ok(Recovered {
+        keystore: ks,
+        segments,
+        messages,
+        next_id,
+        report,
+    })
+}
+
+/// Applies acks to the scanned messages, counts what is live per segment and links ack
+/// segments to the segments they protect. Returns the segments, the live messages
+/// sorted by id, and the largest id seen.
+fn rebuild(
+    scanned: Vec<Scanned>,
+    ks: &mut KeyStore,
+    report: &mut RecoveryReport,
+    now_ms: u64,
+) -> (Vec<Arc<Segment>>, Vec<FoundMessage>, u64) {
+    use std::sync::atomic::Ordering::SeqCst;
+    // Acks first, so acked messages never enter the index.
+    let mut acked: HashMap<u64, u64> = HashMap::new();
+    let mut max_id = 0;
+    for s in &scanned {
+        for &id in &s.acks {
+            acked.entry(id).or_insert(s.seg.id);
+        }
+    }
+    let mut segments = Vec::with_capacity(scanned.len());
+    let mut messages = Vec::new();
+    let mut links: Vec<(u64, u64)> = Vec::new();
+    for s in scanned {
+        report.segments += 1;
+        report.bytes_scanned += s.bytes;
+        report.unsealed += usize::from(!s.was_sealed);
+        if let Some((off, dropped)) = s.truncated {
+            report.truncated.push((s.seg.path.clone(), off, dropped));
+        }
+        max_id = max_id.max(s.max_id);
+        ks.mark_sealed(s.seg.id, s.seg.written.load(SeqCst));
+        s.seg.has_acks.store(!s.acks.is_empty(), SeqCst);
+        for m in s.messages {
+            report.records += 1;
+            s.seg.records.fetch_add(1, SeqCst);
+            s.seg.max_expiry_ms.fetch_max(m.expires_at_ms, SeqCst);
+            if let Some(&src) = acked.get(&m.id) {
+                if src != m.seg {
+                    links.push((src, m.seg));
+                }
+            } else if m.expires_at_ms > now_ms {
+                s.seg.live.fetch_add(1, SeqCst);
+                s.seg.first_ms.fetch_min(now_ms, SeqCst);
+                report.live += 1;
+                messages.push(m);
+            }
+        }
+        segments.push(Arc::new(s.seg));
+    }
+    let by_id: HashMap<u64, &Arc<Segment>> = segments.iter().map(|s| (s.id, s)).collect();
+    for (src, target) in links {
+        if let (Some(a), Some(t)) = (by_id.get(&src), by_id.get(&target)) {
+            a.links.lock().ack_targets.insert(t.id);
+            t.links.lock().ack_sources.insert(a.id);
+        }
+    }
+    messages.sort_unstable_by_key(|m| m.id);
+    (segments, messages, max_id)
+}
+
+/// Scans segments on up to two threads (recovery time follows live data, not cores).
+fn scan_all(work: Vec<(u64, PathBuf, Dek, u64)>, mode: RecoveryMode) -> Result<Vec<Scanned>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .clamp(1, 4);
+    let mut buckets: Vec<Vec<(u64, PathBuf, Dek, u64)>> =
+        (0..threads).map(|_| Vec::new()).collect();
+    for (i, w) in work.into_iter().enumerate() {
+        buckets[i % threads].push(w);
+    }
+    let results: Vec<Result<Vec<Scanned>>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = buckets
+            .into_iter()
+            .map(|b| {
+                sc.spawn(move || {
+                    b.into_iter()
+                        .map(|(id, p, k, sealed_len)| scan_segment(id, &p, &k, sealed_len, mode))
+                        .collect()
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::InvalidOptions("recovery thread panicked".into()))
+                })
+            })
+            .collect()
+    });
+    let mut out = Vec::new();
+    for r in results {
+        out.extend(r?);
+    }
+    out.sort_by_key(|s| s.seg.id);
+    Ok(out)
+}
+
+/// Scans one segment. A sealed segment must be intact; an unsealed one (being written at
+/// a crash) may end in a torn tail, which is cut at the first bad frame and then sealed.
+fn scan_segment(
+    id: u64,
+    path: &Path,
+    dek: &Dek,
+    sealed_len: u64,
+    mode: RecoveryMode,
+) -> Result<Scanned> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("open segment", path, e))?;
+    let bytes = fs::read(path).map_err(|e| Error::io("read segment", path, e))?;
+    let len = bytes.len() as u64;
+    let key = SealKey::new(dek);
+    check_header(&bytes, id, path)?;
+    let sealed = has_valid_seal(&key, id, &bytes);
+    if sealed_len != 0 && (len != sealed_len || !sealed) {
+        // The keystore says this segment was sealed at `sealed_len` bytes.
+        let kind = if len < sealed_len {
+            CorruptionKind::Truncated {
+                needed: sealed_len,
+                available: len,
+            }
+        } else {
+            CorruptionKind::MissingSeal
+        };
+        return Err(Error::corruption(path, len.min(sealed_len), kind));
+    }
+    let mut out = Scanned {
+        seg: Segment::open_recovered(id, path.to_path_buf(), dek, file),
+        messages: Vec::new(),
+        acks: Vec::new(),
+        max_id: 0,
+        truncated: None,
+        was_sealed: sealed,
+        bytes: len,
+    };
+    let walk = walk_frames(&key, id, &bytes, path, &mut out)?;
+    let mut end = walk.end;
+    if let Some((bad, kind)) = walk.damage {
+        if sealed || mode == RecoveryMode::Strict {
+            return Err(Error::corruption(path, bad as u64, kind));
+        }
+        let dropped = bytes[bad..].iter().filter(|&&b| b != 0).count() as u64;
+        if dropped > 0 {
+            out.truncated = Some((bad as u64, dropped));
+        }
+    }
+    if !walk.sealed {
+        // Seal it now (the seal's nonce is random, never an offset: no nonce repeats).
+        let salt = crate::crypto::random_u64()?;
+        let f = codec::seal_segment(&key, id, end as u64, walk.records, walk.crc, salt);
+        out.seg.write_at(&f, end as u64)?;
+        end += f.len();
+    }
+    if end != bytes.len() {
+        out.seg.truncate(end as u64)?;
+    }
+    if end != bytes.len() || !walk.sealed {
+        out.seg.sync()?;
+    }
+    drop(bytes);
+    out.seg
+        .written
+        .store(end as u64, std::sync::atomic::Ordering::SeqCst);
+    out.seg
+        .durable
+        .store(end as u64, std::sync::atomic::Ordering::SeqCst);
+    out.seg.map_for_reading()?;
+    Ok(out)
+}
+
+fn check_header(bytes: &[u8], id: u64, path: &Path) -> Result<()> {
+    let h = SegmentHeader::decode(bytes).map_err(|e| e.into_error(path, 0))?;
+    if h.segment_id != id {
+        return Err(Error::corruption(
+            path,
+            16,
+            CorruptionKind::SegmentIdMismatch {
+                expected: id,
+                got: h.segment_id,
+            },
+        ));
+    }
+    if h.dek_id != id {
+        let kind = CorruptionKind::BadField {
+            field: "segment dek id",
+            value: h.dek_id,
+        };
+        return Err(Error::corruption(path, 24, kind));
+    }
+    Ok(())
+}
+
+/// Where a walk over a segment's frames stopped.
+struct Walk {
+    /// End of the valid data (after the seal, if there is one).
+    end: usize,
+    /// First bad frame, if the walk stopped at damage.
+    damage: Option<(usize, CorruptionKind)>,
+    sealed: bool,
+    records: u64,
+    crc: u32,
+}
+
+/// Reads every frame: checksum, then the meta tag (and ack bodies). A bad checksum or
+/// length ends the walk (a torn tail, or damage); a bad tag is always an error.
+fn walk_frames(
+    key: &SealKey,
+    id: u64,
+    bytes: &[u8],
+    path: &Path,
+    out: &mut Scanned,
+) -> Result<Walk> {
+    let mut pos = HEADER_LEN;
+    let mut records = 0u64;
+    let mut crc = crc32fast::Hasher::new();
+    let mut scratch = Vec::new();
+    while pos < bytes.len() {
+        let (fh, flen) = match frame_at(bytes, pos) {
+            Ok(f) => f,
+            Err(kind) => {
+                return Ok(Walk {
+                    end: pos,
+                    damage: Some((pos, kind)),
+                    sealed: false,
+                    records,
+                    crc: crc.finalize(),
+                })
+            }
+        };
+        let fbytes = &bytes[pos..pos + flen];
+        scratch.clear();
+        scratch.extend_from_slice(fbytes);
+        let opened = codec::open_frame(key, id, pos as u64, fh, &mut scratch)
+            .map_err(|e| e.into_error(path, pos as u64))?;
+        match opened {
+            Opened::Seal(s) => {
+                if s.record_count != records
+                    || s.data_end != pos as u64
+                    || s.data_crc != crc.clone().finalize()
+                {
+                    return Err(Error::corruption(
+                        path,
+                        pos as u64,
+                        CorruptionKind::MissingSeal,
+                    ));
+                }
+                let rest = &bytes[pos + flen..];
+                // Bytes after a seal: only the zeros of a preallocation whose truncation
+                // a crash interrupted.
+                if rest.iter().any(|&b| b != 0) {
+                    let kind = CorruptionKind::BadField {
+                        field: "bytes after the seal",
+                        value: rest.len() as u64,
+                    };
+                    return Err(Error::corruption(path, (pos + flen) as u64, kind));
+                }
+                return Ok(Walk {
+                    end: pos + flen,
+                    damage: None,
+                    sealed: true,
+                    records,
+                    crc: crc.finalize(),
+                });
+            }
+            Opened::Acks(ids) => {
+                out.max_id = out.max_id.max(ids.iter().copied().max().unwrap_or(0));
+                out.acks.extend(ids);
+            }
+            Opened::Message {
+                id: mid,
+                expires_at_ms,
+                queue,
+            } => {
+                out.max_id = out.max_id.max(mid);
+                out.messages.push(FoundMessage {
+                    queue,
+                    id: mid,
+                    seg: id,
+                    off: pos as u64,
+                    len: flen as u32,
+                    expires_at_ms,
+                });
+            }
+        }
+        crc.update(fbytes);
+        records += 1;
+        pos += flen;
+    }
+    Ok(Walk {
+        end: pos,
+        damage: None,
+        sealed: false,
+        records,
+        crc: crc.finalize(),
+    })
+}
+
+/// Decodes and checks the frame at `pos`: header, bounds, checksum.
+fn frame_at(bytes: &[u8], pos: usize) -> Result<(FrameHeader, usize), CorruptionKind> {
+    let rest = &bytes[pos..];
+    let fh = FrameHeader::decode(rest).map_err(kind_of)?;
+    let flen = fh.frame_len();
+    if flen > rest.len() {
+        return Err(CorruptionKind::Truncated {
+            needed: flen as u64,
+            available: rest.len() as u64,
+        });
+    }
+    crate::format::frame::verify_crc(&rest[..flen]).map_err(kind_of)?;
+    Ok((fh, flen))
+}
+
+fn kind_of(e: crate::format::FormatError) -> CorruptionKind {
+    match e {
+        crate::format::FormatError::Corrupt { kind, .. } => kind,
+        crate::format::FormatError::Version { got, .. } => CorruptionKind::BadField {
+            field: "version",
+            value: u64::from(got),
+        },
+    }
+}
+
+/// Whether the file ends with a seal frame that authenticates under this key.
+fn has_valid_seal(key: &SealKey, id: u64, bytes: &[u8]) -> bool {
+    if bytes.len() < HEADER_LEN + SEAL_FRAME_LEN {
+        return false;
+    }
+    let pos = bytes.len() - SEAL_FRAME_LEN;
+    let Ok((fh, flen)) = frame_at(bytes, pos) else {
+        return false;
+    };
+    if fh.kind != FrameKind::Seal || flen != SEAL_FRAME_LEN {
+        return false;
+    }
+    let mut f = bytes[pos..].to_vec();
+    matches!(codec::open_frame(key, id, pos as u64, fh, &mut f), Ok(Opened::Seal(s)) if s.data_end == pos as u64)
+}

@@ -1,0 +1,250 @@
+//! One segment: an append-only file of sealed frames under its own data key, with the
+//! counters that decide when it can be shredded.
+
+pub mod codec;
+mod mmap;
+mod table;
+
+pub use table::SegmentTable;
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use memmap2::Mmap;
+use parking_lot::Mutex;
+
+use crate::crypto::{Dek, SealKey};
+use crate::error::{Error, Result};
+use crate::format::segment_header::{SegmentHeader, HEADER_LEN};
+use crate::fsutil;
+
+/// File name of segment `id`.
+pub fn file_name(id: u64) -> String {
+    format!("{id:016x}.seg")
+}
+
+/// Parses a segment file name back to its id.
+pub fn parse_file_name(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(".seg")?;
+    if hex.len() != 16
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// Ack links between segments. An ack segment must outlive every segment holding a
+/// message it acks, or the acked messages would come back at the next recovery.
+#[derive(Debug, Default)]
+pub struct Links {
+    /// Live segments holding messages acked by records in this segment.
+    pub ack_targets: HashSet<u64>,
+    /// Segments holding ack records for messages in this segment.
+    pub ack_sources: HashSet<u64>,
+}
+
+/// A segment file with its key and counters.
+pub struct Segment {
+    pub id: u64,
+    pub path: PathBuf,
+    pub key: SealKey,
+    file: File,
+    map: OnceLock<Mmap>,
+    /// End of the complete frames handed to the OS.
+    pub written: AtomicU64,
+    /// End of the frames known to be on stable storage.
+    pub durable: AtomicU64,
+    /// Message records that are neither acked nor removed as expired.
+    pub live: AtomicU64,
+    /// Message records in the segment.
+    pub records: AtomicU64,
+    /// Latest expiry of any message in the segment (0 if none).
+    pub max_expiry_ms: AtomicU64,
+    /// Clock reading when the first message was added (u64::MAX if none).
+    pub first_ms: AtomicU64,
+    /// Never written again: sealed, or found at recovery.
+    pub closed: AtomicBool,
+    /// The segment holds ack records.
+    pub has_acks: AtomicBool,
+    pub shredded: AtomicBool,
+    pub links: Mutex<Links>,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("id", &self.id)
+            .field("written", &self.written)
+            .field("live", &self.live)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Segment {
+    fn new(id: u64, path: PathBuf, dek: &Dek, file: File, len: u64) -> Self {
+        Segment {
+            id,
+            path,
+            key: SealKey::new(dek),
+            file,
+            map: OnceLock::new(),
+            written: AtomicU64::new(len),
+            durable: AtomicU64::new(len),
+            live: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+            max_expiry_ms: AtomicU64::new(0),
+            first_ms: AtomicU64::new(u64::MAX),
+            closed: AtomicBool::new(false),
+            has_acks: AtomicBool::new(false),
+            shredded: AtomicBool::new(false),
+            links: Mutex::new(Links::default()),
+        }
+    }
+
+    /// Creates a new segment file (mode 0600) with its header, preallocated to
+    /// `prealloc` bytes so that a full disk shows up here and not in the middle of a
+    /// frame. The file and the directory entry are fsynced.
+    pub fn create(dir: &Path, id: u64, dek: &Dek, kek_id: u64, prealloc: u64) -> Result<Self> {
+        let path = dir.join(file_name(id));
+        let file = fsutil::create_private_file(&path)?;
+        let res = (|| {
+            preallocate(&file, prealloc).map_err(|e| Error::io("preallocate segment", &path, e))?;
+            let h = SegmentHeader {
+                segment_id: id,
+                dek_id: id,
+                kek_id,
+            };
+            file.write_all_at(&h.encode(), 0)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| Error::io("write segment header", &path, e))?;
+            fsutil::sync_dir(dir)
+        })();
+        if let Err(e) = res {
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(Self::new(id, path, dek, file, HEADER_LEN as u64))
+    }
+
+    /// Wraps an existing segment found at recovery. It is closed (never written again
+    /// but for recovery's seal); recovery maps it once its length is final.
+    pub fn open_recovered(id: u64, path: PathBuf, dek: &Dek, file: File) -> Self {
+        let s = Self::new(id, path, dek, file, 0);
+        s.closed.store(true, Ordering::SeqCst);
+        s
+    }
+
+    /// Writes bytes at `offset` (writer thread only).
+    pub fn write_at(&self, bytes: &[u8], offset: u64) -> Result<()> {
+        self.file
+            .write_all_at(bytes, offset)
+            .map_err(|e| Error::io("write segment", &self.path, e))
+    }
+
+    /// fdatasync.
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("fsync segment", &self.path, e))
+    }
+
+    /// Cuts the preallocated tail after sealing (writer thread only).
+    pub fn truncate(&self, len: u64) -> Result<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io("truncate segment", &self.path, e))
+    }
+
+    /// Maps the (now immutable) segment for reads.
+    pub fn map_for_reading(&self) -> Result<()> {
+        if self.map.get().is_none() {
+            let m = mmap::map_sealed(&self.file)
+                .map_err(|e| Error::io("mmap segment", &self.path, e))?;
+            let _ = self.map.set(m);
+        }
+        Ok(())
+    }
+
+    /// The mapped bytes, once sealed.
+    pub fn mapped(&self) -> Option<&[u8]> {
+        self.map.get().map(|m| &m[..])
+    }
+
+    /// Copies `len` bytes at `offset` (which must be below `written`).
+    pub fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        if let Some(m) = self.mapped() {
+            let start = offset as usize;
+            if let Some(b) = m.get(start..start + len) {
+                return Ok(b.to_vec());
+            }
+        }
+        let mut buf = vec![0u8; len];
+        self.file
+            .read_exact_at(&mut buf, offset)
+            .map_err(|e| Error::io("read segment", &self.path, e))?;
+        Ok(buf)
+    }
+
+    /// Counts a new message placed in this segment.
+    pub fn add_message(&self, expires_at_ms: u64, now_ms: u64) {
+        self.live.fetch_add(1, Ordering::SeqCst);
+        self.records.fetch_add(1, Ordering::SeqCst);
+        self.max_expiry_ms
+            .fetch_max(expires_at_ms, Ordering::SeqCst);
+        self.first_ms.fetch_min(now_ms, Ordering::SeqCst);
+    }
+
+    /// Counts messages that died (acked, purged, expired).
+    pub fn dec_live(&self, n: u64) {
+        let _ = self
+            .live
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                Some(v.saturating_sub(n))
+            });
+    }
+
+    /// Bytes of the file that hold data (preallocated space not counted).
+    pub fn data_len(&self) -> u64 {
+        self.written.load(Ordering::SeqCst)
+    }
+}
+
+/// Reserves `len` bytes of disk for the file, so later writes cannot hit ENOSPC.
+fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let len = libc::off_t::try_from(len)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    #[expect(unsafe_code, reason = "posix_fallocate on an fd we own")]
+    // SAFETY: the fd is valid for the life of `file`; posix_fallocate reads no memory.
+    let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    match r {
+        // 0, or a filesystem without fallocate support: fall back to a sparse file.
+        0 | libc::EOPNOTSUPP | libc::ENOSYS => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_round_trip() {
+        assert_eq!(parse_file_name(&file_name(0xab)), Some(0xab));
+        assert_eq!(parse_file_name("00000000000000AB.seg"), None);
+        assert_eq!(parse_file_name("xyz.seg"), None);
+        assert_eq!(parse_file_name("00000000000000ab.tmp"), None);
+    }
+}

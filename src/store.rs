@@ -1,0 +1,680 @@
+//! The public API: [`Store`].
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::error::{CorruptionKind, Error, Result};
+use crate::format::frame::{FrameHeader, FrameKind, MessageMeta, MAX_QUEUE_ID};
+use crate::fsutil::{self, DirLock};
+use crate::gc::{self, ReaperSignal};
+use crate::index::{Index, QueueCell, Removed, Slot};
+use crate::keys::keyring::Keyring;
+use crate::options::{Clock, Options};
+use crate::recovery::{self, RecoveryReport};
+use crate::segment::codec::{self, Opened};
+use crate::segment::{Segment, SegmentTable};
+use crate::writer::{Bucket, Writer, WriterConfig};
+
+/// A message id: unique in the store forever, increasing in append order within a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId(pub u64);
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::str::FromStr for MessageId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        s.parse().map(MessageId)
+    }
+}
+
+/// A message returned by [`Store::read`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message {
+    pub id: MessageId,
+    pub payload: Vec<u8>,
+    /// Expiry, in milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+}
+
+impl std::fmt::Debug for Message {
+    // Payloads are secret: never in Debug output or logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("id", &self.id)
+            .field("payload_len", &self.payload.len())
+            .field("expires_at_ms", &self.expires_at_ms)
+            .finish()
+    }
+}
+
+/// One message of [`Store::append_batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct NewMessage<'a> {
+    pub queue: &'a [u8],
+    pub payload: &'a [u8],
+    pub ttl: Duration,
+}
+
+/// Counters from [`Store::stats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Segment files (each with its own key).
+    pub segments: u64,
+    /// Bytes of segment data and keystore on disk.
+    pub bytes_on_disk: u64,
+    /// Messages in the index (appended, not acked, not yet removed as expired).
+    pub live_messages: u64,
+    /// Records still on disk (and still decryptable) whose message is acked or expired.
+    pub dead_records: u64,
+    /// Data keys in the keystore.
+    pub live_keys: u64,
+    /// Segments shredded since open.
+    pub shreds: u64,
+    /// Queues in the index.
+    pub queues: u64,
+    /// Age of the oldest segment still holding a live message (an upper bound on the
+    /// oldest live message's age).
+    pub oldest_live_age: Option<Duration>,
+    /// The last error of background maintenance, if any.
+    pub last_gc_error: Option<String>,
+}
+
+pub(crate) struct Inner {
+    pub dir: PathBuf,
+    pub opts: Options,
+    clock: Arc<dyn Clock>,
+    time_floor_ms: u64,
+    pub index: Index,
+    pub segments: Arc<SegmentTable>,
+    pub keyring: Arc<Keyring>,
+    pub writer: Arc<Writer>,
+    next_id: Arc<AtomicU64>,
+    pub shreds: AtomicU64,
+    pub reaper: ReaperSignal,
+    pub last_gc_error: Mutex<Option<String>>,
+    closed: AtomicBool,
+    report: RecoveryReport,
+    maint_shard: Mutex<usize>,
+    _lock: DirLock,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    /// "Now" for expiry: the clock, never earlier than the time persisted at the last
+    /// keystore write before this open.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms().max(self.time_floor_ms)
+    }
+
+    /// Counts removed-as-expired messages dead in their segments.
+    pub fn drop_expired(&self, slots: &[Slot]) {
+        if slots.is_empty() {
+            return;
+        }
+        self.index
+            .messages
+            .fetch_sub(slots.len() as u64, Ordering::SeqCst);
+        for s in slots {
+            if let Some(seg) = self.segments.get(s.seg) {
+                seg.dec_live(1);
+            }
+        }
+        self.reaper.poke();
+    }
+}
+
+/// An open data dir. `Send + Sync`: share it through an `Arc`.
+///
+/// Dropping the store (or [`Store::close`]) writes and fsyncs everything, seals the active
+/// segments and releases the directory lock; reopening recovers.
+#[derive(Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+    reaper: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn validate_queue(queue: &[u8]) -> Result<()> {
+    if queue.is_empty() || queue.len() > MAX_QUEUE_ID {
+        return Err(Error::InvalidQueueId { len: queue.len() });
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Creates or opens the data dir `dir` (mode 0700, files 0600), takes its exclusive
+    /// lock, and recovers its contents.
+    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Store> {
+        opts.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        fsutil::create_private_dir(&dir)?;
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| Error::io("resolve data dir", &dir, e))?;
+        if let Some(kf) = opts.key_provider.key_file() {
+            let kf = kf.canonicalize().unwrap_or_else(|_| kf.to_path_buf());
+            if kf.starts_with(&dir) && !opts.allow_key_in_data_dir {
+                return Err(Error::KeyFileInsideDataDir { path: kf });
+            }
+        }
+        let lock = DirLock::acquire(&dir)?;
+        let clock = Arc::clone(&opts.clock);
+        let rec = recovery::recover(&dir, &*opts.key_provider, opts.recovery, clock.now_ms())?;
+        let time_floor_ms = rec.keystore.time_floor_ms;
+        let next_id = Arc::new(AtomicU64::new(rec.next_id));
+        let keyring = Arc::new(Keyring::new(
+            &dir,
+            rec.keystore,
+            Arc::clone(&opts.key_provider),
+            Arc::clone(&next_id),
+            Arc::clone(&clock),
+        ));
+        let segments = Arc::new(SegmentTable::default());
+        for s in rec.segments {
+            segments.insert(s);
+        }
+        let index = Index::default();
+        for m in rec.messages {
+            let q = index.get_or_create(&m.queue);
+            let mut st = q.state.lock();
+            st.push_pending(m.id, m.expires_at_ms, m.len);
+            st.commit(m.id, m.seg, m.off);
+            index.messages.fetch_add(1, Ordering::SeqCst);
+        }
+        let writer = Writer::new(
+            WriterConfig {
+                durability: opts.durability,
+                segment_size: opts.segment_size,
+                async_sync_interval: opts.async_sync_interval,
+                max_disk_bytes: opts.max_disk_bytes,
+                max_active_age_ms: (opts.max_shred_delay.as_millis() as u64 / 4).max(1),
+            },
+            Arc::clone(&clock),
+            Arc::clone(&keyring),
+            Arc::clone(&segments),
+        );
+        let inner = Arc::new(Inner {
+            dir,
+            clock,
+            time_floor_ms,
+            index,
+            segments,
+            keyring,
+            writer: Arc::clone(&writer),
+            next_id,
+            shreds: AtomicU64::new(0),
+            reaper: ReaperSignal::default(),
+            last_gc_error: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            report: rec.report,
+            maint_shard: Mutex::new(0),
+            _lock: lock,
+            opts,
+        });
+        let weak = Arc::downgrade(&inner);
+        writer.start(Box::new(move || {
+            if let Some(i) = weak.upgrade() {
+                i.reaper.poke();
+            }
+        }))?;
+        let store = Store {
+            inner: Arc::clone(&inner),
+            reaper: Mutex::new(None),
+        };
+        // Shred what recovery found dead before serving.
+        gc::shred_dead(&inner, inner.now_ms())?;
+        if inner.opts.background_reaper {
+            let i = Arc::clone(&inner);
+            let h = std::thread::Builder::new()
+                .name("cinder-reaper".into())
+                .spawn(move || gc::run_reaper(&i))
+                .map_err(|e| Error::io("spawn reaper thread", "", e))?;
+            *store.reaper.lock() = Some(h);
+        }
+        Ok(store)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// What recovery found when this store was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.report
+    }
+
+    /// Appends one message; returns once it is durable per the durability mode.
+    pub fn append(&self, queue: &[u8], payload: &[u8], ttl: Duration) -> Result<MessageId> {
+        let ids = self.append_batch(&[NewMessage {
+            queue,
+            payload,
+            ttl,
+        }])?;
+        Ok(ids[0])
+    }
+
+    /// Appends several messages, waiting once for all of them to be durable. Validation
+    /// and quotas are checked for the whole batch first: if one message is refused,
+    /// none is stored. The batch is not atomic across a crash (each message is).
+    pub fn append_batch(&self, items: &[NewMessage<'_>]) -> Result<Vec<MessageId>> {
+        self.check_open()?;
+        let o = &self.inner.opts;
+        for m in items {
+            validate_queue(m.queue)?;
+            if m.payload.len() > o.max_message_size {
+                return Err(Error::MessageTooLarge {
+                    size: m.payload.len(),
+                    max: o.max_message_size,
+                });
+            }
+            if m.ttl.is_zero() || m.ttl > o.max_ttl || m.ttl.as_millis() == 0 {
+                return Err(Error::InvalidTtl {
+                    ttl_ms: m.ttl.as_millis(),
+                    max_ms: o.max_ttl.as_millis(),
+                });
+            }
+        }
+        let now = self.inner.now_ms();
+        // 1. Issue ids and pending slots (all or nothing).
+        let mut issued: Vec<(Arc<QueueCell>, u64, u64, u64)> = Vec::with_capacity(items.len());
+        for m in items {
+            let flen = codec::message_frame_len(m.queue.len(), m.payload.len()) as u64;
+            let expires = now + m.ttl.as_millis() as u64;
+            match self.issue(m.queue, flen, expires) {
+                Ok((q, id)) => issued.push((q, id, flen, expires)),
+                Err(e) => {
+                    self.rollback(&issued);
+                    return Err(e);
+                }
+            }
+        }
+        // 2. Reserve, seal (outside every lock), submit.
+        let mut placed: Vec<(Arc<Segment>, u64)> = Vec::with_capacity(items.len());
+        for (i, m) in items.iter().enumerate() {
+            let (_, id, flen, expires) = &issued[i];
+            let bucket = Bucket::for_message(m.ttl.as_millis() as u64, *expires);
+            let r = match self.inner.writer.reserve(bucket, *flen, *expires, now) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Earlier messages of the batch are already written; keep them.
+                    self.rollback(&issued[i..]);
+                    self.finish(&issued[..i], &placed)?;
+                    return Err(e);
+                }
+            };
+            let meta = MessageMeta {
+                id: *id,
+                expires_at_ms: *expires,
+                payload_len: m.payload.len() as u32,
+                queue: m.queue,
+            };
+            let frame = codec::seal_message(&r.seg.key, r.seg.id, r.offset, &meta, m.payload);
+            self.inner.writer.submit(&r, frame);
+            placed.push((r.seg, r.offset + r.len));
+        }
+        self.finish(&issued, &placed)?;
+        Ok(issued.iter().map(|x| MessageId(x.1)).collect())
+    }
+
+    fn issue(&self, queue: &[u8], flen: u64, expires: u64) -> Result<(Arc<QueueCell>, u64)> {
+        let o = &self.inner.opts;
+        loop {
+            let q = self.inner.index.get_or_create(queue);
+            let mut st = q.state.lock();
+            if st.removed {
+                continue;
+            }
+            if st.count() >= o.max_queue_len {
+                let mut exp = Vec::new();
+                st.remove_expired(self.inner.now_ms(), &mut exp);
+                self.inner.drop_expired(&exp);
+                if st.count() >= o.max_queue_len {
+                    return Err(Error::QueueFull {
+                        len: st.count(),
+                        max: o.max_queue_len,
+                    });
+                }
+            }
+            if st.bytes() + flen > o.max_queue_bytes {
+                return Err(Error::QueueBytesExceeded {
+                    bytes: st.bytes(),
+                    adding: flen,
+                    max: o.max_queue_bytes,
+                });
+            }
+            let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
+            st.push_pending(id, expires, flen as u32);
+            self.inner.index.messages.fetch_add(1, Ordering::SeqCst);
+            drop(st);
+            return Ok((q, id));
+        }
+    }
+
+    fn rollback(&self, issued: &[(Arc<QueueCell>, u64, u64, u64)]) {
+        for (q, id, _, _) in issued {
+            q.state.lock().rollback(*id);
+            self.inner.index.messages.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits for durability, then makes the messages visible.
+    fn finish(
+        &self,
+        issued: &[(Arc<QueueCell>, u64, u64, u64)],
+        placed: &[(Arc<Segment>, u64)],
+    ) -> Result<()> {
+        let mut ends: Vec<(&Arc<Segment>, u64)> = Vec::new();
+        for (seg, end) in placed {
+            match ends.iter_mut().find(|(s, _)| s.id == seg.id) {
+                Some(e) => e.1 = e.1.max(*end),
+                None => ends.push((seg, *end)),
+            }
+        }
+        for (seg, end) in ends {
+            if let Err(e) = self.inner.writer.wait_durable(seg, end) {
+                self.rollback(&issued[..placed.len()]);
+                return Err(e);
+            }
+        }
+        let mut orphaned = Vec::new();
+        for ((q, id, flen, _), (seg, end)) in issued.iter().zip(placed) {
+            let mut st = q.state.lock();
+            if st.commit(*id, seg.id, end - flen) {
+                drop(st);
+                q.cv.notify_all();
+            } else {
+                // Purged while being written: it is on disk, so it needs an ack record.
+                orphaned.push((*id, seg.id));
+            }
+        }
+        if !orphaned.is_empty() {
+            let gen = self.inner.writer.push_acks(orphaned);
+            self.inner.writer.wait_acks(gen)?;
+        }
+        Ok(())
+    }
+
+    /// Reads up to `max` messages of `queue` after the cursor `after` (exclusive), in
+    /// FIFO order. Only unacked, unexpired messages are returned.
+    pub fn read(&self, queue: &[u8], after: Option<MessageId>, max: usize) -> Result<Vec<Message>> {
+        self.check_open()?;
+        validate_queue(queue)?;
+        let Some(q) = self.inner.index.get(queue) else {
+            return Ok(Vec::new());
+        };
+        let now = self.inner.now_ms();
+        let mut expired = Vec::new();
+        let slots = q
+            .state
+            .lock()
+            .collect(after.map(|a| a.0), max, now, &mut expired);
+        self.inner.drop_expired(&expired);
+        let mut out = Vec::with_capacity(slots.len());
+        for (id, slot) in slots {
+            let Some(seg) = self.inner.segments.get(slot.seg) else {
+                // Only an expired message's segment can be gone (shredded by expiry).
+                continue;
+            };
+            if let Some(m) = self.load(&seg, queue, id, &slot)? {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    fn load(&self, seg: &Segment, queue: &[u8], id: u64, slot: &Slot) -> Result<Option<Message>> {
+        let off = u64::from(slot.off);
+        let len = slot.len() as usize;
+        self.inner.writer.wait_written(seg, off + len as u64)?;
+        let mut frame = seg.read_at(off, len)?;
+        let bad = |at: u64, kind| Error::corruption(&seg.path, off + at, kind);
+        let h = FrameHeader::decode(&frame).map_err(|e| e.into_error(&seg.path, off))?;
+        if h.kind != FrameKind::Message || h.frame_len() != len {
+            return Err(bad(
+                0,
+                CorruptionKind::BadField {
+                    field: "frame kind or length",
+                    value: h.frame_len() as u64,
+                },
+            ));
+        }
+        let opened = codec::open_frame(&seg.key, seg.id, off, h, &mut frame)
+            .map_err(|e| e.into_error(&seg.path, off))?;
+        let Opened::Message {
+            id: got,
+            queue: q,
+            expires_at_ms,
+            ..
+        } = opened
+        else {
+            return Err(bad(0, CorruptionKind::AuthenticationFailed));
+        };
+        if got != id || q != queue {
+            return Err(bad(0, CorruptionKind::AuthenticationFailed));
+        }
+        let r = codec::open_body(&seg.key, seg.id, off, h, &mut frame)
+            .map_err(|e| e.into_error(&seg.path, off))?;
+        if expires_at_ms <= self.inner.now_ms() {
+            return Ok(None);
+        }
+        frame.truncate(r.end);
+        frame.drain(..r.start);
+        Ok(Some(Message {
+            id: MessageId(id),
+            payload: frame,
+            expires_at_ms,
+        }))
+    }
+
+    /// Acks (deletes) message `id` of `queue`. `Ok(false)` if the queue has no such
+    /// message (never had, already acked, expired, or it belongs to another queue).
+    /// O(1): an index removal and a 8-byte entry in the shared ack buffer.
+    pub fn ack(&self, queue: &[u8], id: MessageId) -> Result<bool> {
+        Ok(self.ack_batch(queue, &[id])? == 1)
+    }
+
+    /// Acks several messages of one queue; returns how many were acked.
+    pub fn ack_batch(&self, queue: &[u8], ids: &[MessageId]) -> Result<u64> {
+        self.remove_with(queue, |st, now, out| {
+            for id in ids {
+                if let Some(r) = st.take(id.0, now) {
+                    out.push(r);
+                }
+            }
+        })
+    }
+
+    /// Acks every message of `queue` up to and including `id`; returns how many.
+    pub fn ack_through(&self, queue: &[u8], id: MessageId) -> Result<u64> {
+        self.remove_with(queue, |st, now, out| st.take_through(id.0, now, out))
+    }
+
+    /// Drops every message of `queue` (account or device removal); returns how many.
+    pub fn purge(&self, queue: &[u8]) -> Result<u64> {
+        self.remove_with(queue, crate::index::QueueState::take_all)
+    }
+
+    fn remove_with(
+        &self,
+        queue: &[u8],
+        f: impl FnOnce(&mut crate::index::QueueState, u64, &mut Vec<Removed>),
+    ) -> Result<u64> {
+        self.check_open()?;
+        validate_queue(queue)?;
+        let Some(q) = self.inner.index.get(queue) else {
+            return Ok(0);
+        };
+        let now = self.inner.now_ms();
+        let mut removed = Vec::new();
+        f(&mut q.state.lock(), now, &mut removed);
+        let mut expired = Vec::new();
+        let mut acks = Vec::with_capacity(removed.len());
+        for r in removed {
+            match r {
+                Removed::Acked(id, s) => acks.push((id, s.seg)),
+                Removed::Expired(s) => expired.push(s),
+            }
+        }
+        self.inner.drop_expired(&expired);
+        let n = acks.len() as u64;
+        if n > 0 {
+            self.inner.index.messages.fetch_sub(n, Ordering::SeqCst);
+            let gen = self.inner.writer.push_acks(acks);
+            self.inner.writer.wait_acks(gen)?;
+        }
+        Ok(n)
+    }
+
+    /// Number of messages `read` would return for `queue`.
+    pub fn len(&self, queue: &[u8]) -> Result<u64> {
+        validate_queue(queue)?;
+        let Some(q) = self.inner.index.get(queue) else {
+            return Ok(0);
+        };
+        let mut expired = Vec::new();
+        let n = q
+            .state
+            .lock()
+            .readable_len(self.inner.now_ms(), &mut expired);
+        self.inner.drop_expired(&expired);
+        Ok(n)
+    }
+
+    /// Blocks until `queue` has a readable message after `after`, or `timeout` passes.
+    /// Returns whether one is there. Appends wake waiters at once (no polling).
+    pub fn wait(&self, queue: &[u8], after: Option<MessageId>, timeout: Duration) -> Result<bool> {
+        self.check_open()?;
+        validate_queue(queue)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let q = self.inner.index.get_or_create(queue);
+            let mut st = q.state.lock();
+            if st.removed {
+                continue;
+            }
+            loop {
+                if st.has_readable(after.map(|a| a.0), self.inner.now_ms()) {
+                    return Ok(true);
+                }
+                if Instant::now() >= deadline || self.inner.closed.load(Ordering::SeqCst) {
+                    return Ok(false);
+                }
+                st.waiters += 1;
+                // Wake up at least every second to notice expiry and close.
+                let until = deadline.min(Instant::now() + Duration::from_secs(1));
+                q.cv.wait_until(&mut st, until);
+                st.waiters -= 1;
+            }
+        }
+    }
+
+    /// Engine counters.
+    pub fn stats(&self) -> Stats {
+        let i = &self.inner;
+        let now = i.now_ms();
+        let mut s = Stats {
+            live_keys: i.keyring.live_keys() as u64,
+            shreds: i.shreds.load(Ordering::SeqCst),
+            live_messages: i.index.messages.load(Ordering::SeqCst),
+            queues: i.index.queue_count() as u64,
+            last_gc_error: i.last_gc_error.lock().clone(),
+            ..Stats::default()
+        };
+        let mut oldest = u64::MAX;
+        for seg in i.segments.all() {
+            s.segments += 1;
+            s.bytes_on_disk += seg.data_len();
+            let live = seg.live.load(Ordering::SeqCst);
+            s.dead_records += seg.records.load(Ordering::SeqCst).saturating_sub(live);
+            if live > 0 {
+                oldest = oldest.min(seg.first_ms.load(Ordering::SeqCst));
+            }
+        }
+        if let Ok(m) = std::fs::metadata(i.dir.join(crate::keys::keystore::FILE_NAME)) {
+            s.bytes_on_disk += m.len();
+        }
+        if oldest != u64::MAX {
+            s.oldest_live_age = Some(Duration::from_millis(now.saturating_sub(oldest)));
+        }
+        s
+    }
+
+    /// Bytes of heap the index uses (walks every queue; for measurement, not hot paths).
+    pub fn index_memory(&self) -> usize {
+        let mut total = 0;
+        for shard in 0..Index::shard_count() {
+            self.inner.index.for_each_in_shard(shard, |k, q| {
+                total +=
+                    k.len() + 64 + std::mem::size_of::<QueueCell>() + q.state.lock().heap_bytes();
+            });
+        }
+        total
+    }
+
+    /// Runs one full maintenance pass now (retire segments, sweep expired messages,
+    /// shred dead segments). The reaper thread does this on its own; tests that move a
+    /// manual clock call it to avoid waiting. Returns the segments shredded.
+    pub fn maintain(&self) -> Result<usize> {
+        self.check_open()?;
+        let mut shard = self.inner.maint_shard.lock();
+        let n = gc::maintain(&self.inner, &mut shard, Index::shard_count())?;
+        // Segments retired above are sealed by the writer thread: give it a moment, then
+        // shred what that made dead.
+        self.flush()?;
+        Ok(n + gc::shred_dead(&self.inner, self.inner.now_ms())?)
+    }
+
+    /// Waits until everything appended or acked so far is durable and sealed segments
+    /// are settled.
+    pub fn flush(&self) -> Result<()> {
+        self.check_open()?;
+        let w = &self.inner.writer;
+        let gen = w.push_acks(std::iter::empty());
+        w.wait_acks_durable(gen)
+    }
+
+    /// Flushes, seals the active segments and releases the data dir. Also done on drop.
+    pub fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.inner.reaper.stop();
+        if let Some(h) = self.reaper.lock().take() {
+            let _ = h.join();
+        }
+        let r = self.inner.writer.shutdown();
+        // Waiters in `wait` notice the close within a second; wake them now.
+        for shard in 0..Index::shard_count() {
+            self.inner.index.for_each_in_shard(shard, |_, q| {
+                q.cv.notify_all();
+            });
+        }
+        r?;
+        self.inner.keyring.flush()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}

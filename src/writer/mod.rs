@@ -1,0 +1,745 @@
+//! The write path: active segments (one per expiry bucket, plus one for ack records),
+//! space reservation, group commit and rotation.
+//!
+//! Appenders reserve an offset under a short lock, seal their frame *outside* any lock
+//! (the offset is the nonce), and hand the sealed bytes back. One writer thread writes
+//! contiguous runs of frames with one `pwrite` per segment, fsyncs once for everyone
+//! waiting, seals full segments and keeps a spare segment ready so rotation never waits
+//! for a keystore write on the hot path.
+
+mod bucket;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+pub use bucket::Bucket;
+
+use crate::error::{Error, Result};
+use crate::format::segment_header::HEADER_LEN;
+use crate::keys::keyring::Keyring;
+use crate::options::{Clock, Durability};
+use crate::segment::codec::{self, SEAL_FRAME_LEN};
+use crate::segment::{Segment, SegmentTable};
+
+/// Active message segments at most; the least recently used one is closed beyond that.
+const MAX_ACTIVE_BUCKETS: usize = 8;
+/// Appenders wait when this many sealed bytes are queued for the writer thread.
+const MAX_PENDING_BYTES: u64 = 64 << 20;
+/// In Async mode, the writer is woken early once this many bytes are queued.
+const ASYNC_WAKE_BYTES: u64 = 1 << 20;
+/// Ack ids per ack frame, at most.
+const ACKS_PER_FRAME: usize = 1 << 16;
+
+/// Settings the writer needs from `Options`.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub durability: Durability,
+    pub segment_size: u64,
+    pub async_sync_interval: Duration,
+    pub max_disk_bytes: u64,
+    /// Active segments older than this are closed so they can be shredded or compacted.
+    pub max_active_age_ms: u64,
+}
+
+/// One segment being written.
+#[derive(Debug)]
+struct Active {
+    seg: Arc<Segment>,
+    bucket: Option<Bucket>,
+    /// Next offset to reserve.
+    tail: u64,
+    /// Frames up to here were taken by the writer thread.
+    taken: u64,
+    /// Submitted frames not yet taken, by offset.
+    pending: BTreeMap<u64, Vec<u8>>,
+    closing: bool,
+    created_ms: u64,
+    last_used_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    actives: HashMap<u64, Active>,
+    buckets: HashMap<Bucket, u64>,
+    ack_seg: Option<u64>,
+    spare: Option<Arc<Segment>>,
+    /// Callers waiting for durability.
+    waiters: usize,
+    first_waiter: Option<Instant>,
+    last_batch_waiters: usize,
+    /// Someone (a reader, close) wants pending frames written now.
+    urgent: bool,
+    shutdown: bool,
+    pending_bytes: u64,
+    creating: bool,
+}
+
+#[derive(Debug, Default)]
+struct AckBuf {
+    entries: Vec<(u64, u64)>,
+    gen: u64,
+}
+
+/// Shared between the API threads and the writer thread.
+#[derive(Debug)]
+pub struct Writer {
+    cfg: WriterConfig,
+    clock: Arc<dyn Clock>,
+    keyring: Arc<Keyring>,
+    segments: Arc<SegmentTable>,
+    state: Mutex<State>,
+    work: Condvar,
+    progress: Condvar,
+    acks: Mutex<AckBuf>,
+    acks_done: AtomicU64,
+    failed: OnceLock<String>,
+    /// Bytes of data in all live segments (preallocation not counted).
+    pub disk_used: AtomicU64,
+    /// Called with segment ids whose live count may have reached zero.
+    on_dead: OnceLock<Callback>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+/// The writer's "a segment may have died" callback.
+struct Callback(Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Callback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Callback")
+    }
+}
+
+/// Where a reserved frame goes.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    pub seg: Arc<Segment>,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Writer {
+    pub fn new(
+        cfg: WriterConfig,
+        clock: Arc<dyn Clock>,
+        keyring: Arc<Keyring>,
+        segments: Arc<SegmentTable>,
+    ) -> Arc<Self> {
+        let used = segments.all().iter().map(|s| s.data_len()).sum();
+        Arc::new(Writer {
+            cfg,
+            clock,
+            keyring,
+            segments,
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            progress: Condvar::new(),
+            acks: Mutex::new(AckBuf::default()),
+            acks_done: AtomicU64::new(0),
+            failed: OnceLock::new(),
+            disk_used: AtomicU64::new(used),
+            on_dead: OnceLock::new(),
+            thread: Mutex::new(None),
+            stopped: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Starts the writer thread.
+    pub fn start(self: &Arc<Self>, on_dead: Box<dyn Fn() + Send + Sync>) -> Result<()> {
+        let _ = self.on_dead.set(Callback(on_dead));
+        let me = Arc::clone(self);
+        let h = std::thread::Builder::new()
+            .name("cinder-writer".into())
+            .spawn(move || me.run())
+            .map_err(|e| Error::io("spawn writer thread", "", e))?;
+        *self.thread.lock() = Some(h);
+        Ok(())
+    }
+
+    fn check_failed(&self) -> Result<()> {
+        match self.failed.get() {
+            Some(r) => Err(Error::WriterFailed { reason: r.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&self, e: &Error) {
+        let _ = self.failed.set(e.to_string());
+        let _g = self.state.lock();
+        self.progress.notify_all();
+    }
+
+    // ----- reservation (API threads) -----
+
+    /// Reserves `len` bytes for a message frame in the active segment of `bucket`.
+    pub fn reserve(
+        &self,
+        bucket: Bucket,
+        len: u64,
+        expires_at_ms: u64,
+        now_ms: u64,
+    ) -> Result<Reservation> {
+        loop {
+            self.check_failed()?;
+            let used = self.disk_used.load(Ordering::SeqCst);
+            if used + len > self.cfg.max_disk_bytes {
+                return Err(Error::DiskQuotaExceeded {
+                    used,
+                    adding: len,
+                    quota: self.cfg.max_disk_bytes,
+                });
+            }
+            let mut st = self.state.lock();
+            while st.pending_bytes > MAX_PENDING_BYTES && self.failed.get().is_none() {
+                self.work.notify_one();
+                self.progress.wait_for(&mut st, Duration::from_millis(50));
+            }
+            if st.shutdown {
+                return Err(Error::Closed);
+            }
+            let fits = st
+                .buckets
+                .get(&bucket)
+                .and_then(|id| st.actives.get(id))
+                .is_some_and(|a| a.tail + len + SEAL_FRAME_LEN as u64 <= self.cfg.segment_size);
+            if !fits {
+                if let Some(old) = st.buckets.remove(&bucket) {
+                    self.close_locked(&mut st, old);
+                }
+                if st.buckets.len() >= MAX_ACTIVE_BUCKETS {
+                    let lru = st
+                        .buckets
+                        .iter()
+                        .min_by_key(|(_, id)| st.actives[*id].last_used_ms)
+                        .map(|(b, id)| (*b, *id));
+                    if let Some((b, id)) = lru {
+                        st.buckets.remove(&b);
+                        self.close_locked(&mut st, id);
+                    }
+                }
+                let Some(seg) = self.take_spare(&mut st)? else {
+                    continue;
+                };
+                st.buckets.insert(bucket, seg.id);
+                st.actives
+                    .insert(seg.id, Active::new(seg, Some(bucket), now_ms));
+            }
+            let id = st.buckets[&bucket];
+            let a = st
+                .actives
+                .get_mut(&id)
+                .expect("bucket maps to an active segment");
+            let offset = a.tail;
+            a.tail += len;
+            a.last_used_ms = now_ms;
+            a.seg.add_message(expires_at_ms, now_ms);
+            self.disk_used.fetch_add(len, Ordering::SeqCst);
+            return Ok(Reservation {
+                seg: Arc::clone(&a.seg),
+                offset,
+                len,
+            });
+        }
+    }
+
+    /// Takes the spare segment, or creates one (dropping the lock while the keystore is
+    /// written). `None` means the lock was dropped: the caller must re-check its state.
+    fn take_spare(&self, st: &mut MutexGuard<'_, State>) -> Result<Option<Arc<Segment>>> {
+        if let Some(s) = st.spare.take() {
+            self.work.notify_one(); // make the next spare
+            return Ok(Some(s));
+        }
+        if st.creating {
+            self.progress.wait_for(st, Duration::from_millis(20));
+            return Ok(None);
+        }
+        st.creating = true;
+        let r = MutexGuard::unlocked(st, || self.create_segment());
+        st.creating = false;
+        self.progress.notify_all();
+        let seg = r?;
+        st.spare = Some(seg);
+        Ok(None)
+    }
+
+    fn create_segment(&self) -> Result<Arc<Segment>> {
+        let seg = Arc::new(self.keyring.create_segment(self.cfg.segment_size)?);
+        self.disk_used
+            .fetch_add(HEADER_LEN as u64, Ordering::SeqCst);
+        self.segments.insert(Arc::clone(&seg));
+        Ok(seg)
+    }
+
+    /// Hands a sealed frame to the writer thread.
+    pub fn submit(&self, r: &Reservation, frame: Vec<u8>) {
+        debug_assert_eq!(frame.len() as u64, r.len);
+        let mut st = self.state.lock();
+        let was_idle = st.pending_bytes == 0;
+        st.pending_bytes += r.len;
+        let wake = self.cfg.durability != Durability::Async
+            || was_idle
+            || st.pending_bytes >= ASYNC_WAKE_BYTES;
+        if let Some(a) = st.actives.get_mut(&r.seg.id) {
+            a.pending.insert(r.offset, frame);
+        }
+        if wake {
+            self.work.notify_one();
+        }
+    }
+
+    /// Waits until everything up to `end` of `seg` is durable (per the durability mode).
+    pub fn wait_durable(&self, seg: &Segment, end: u64) -> Result<()> {
+        if self.cfg.durability == Durability::Async {
+            return self.check_failed();
+        }
+        self.wait_until(true, || seg.durable.load(Ordering::SeqCst) >= end)
+    }
+
+    /// Waits until `seg` holds complete frames up to `end` in the file (readers of
+    /// Async data that the writer thread has not written yet).
+    pub fn wait_written(&self, seg: &Segment, end: u64) -> Result<()> {
+        if seg.written.load(Ordering::SeqCst) >= end {
+            return Ok(());
+        }
+        {
+            let mut st = self.state.lock();
+            st.urgent = true;
+        }
+        self.wait_until(false, || seg.written.load(Ordering::SeqCst) >= end)
+    }
+
+    fn wait_until(&self, durable: bool, done: impl Fn() -> bool) -> Result<()> {
+        let mut st = self.state.lock();
+        if durable {
+            st.waiters += 1;
+            st.first_waiter.get_or_insert_with(Instant::now);
+        }
+        self.work.notify_one();
+        let r = loop {
+            if done() {
+                break Ok(());
+            }
+            if let Err(e) = self.check_failed() {
+                break Err(e);
+            }
+            if self.stopped.load(Ordering::SeqCst) {
+                break Err(Error::Closed);
+            }
+            self.progress.wait_for(&mut st, Duration::from_millis(100));
+        };
+        if durable {
+            st.waiters -= 1;
+        }
+        r
+    }
+
+    // ----- acks -----
+
+    /// Queues an ack record for message `id` stored in segment `seg`. Returns the batch
+    /// generation to wait for. O(1): no I/O, no sealing (the writer seals acks in bulk).
+    pub fn push_acks(&self, entries: impl IntoIterator<Item = (u64, u64)>) -> u64 {
+        let mut b = self.acks.lock();
+        let was_idle = b.entries.is_empty();
+        b.entries.extend(entries);
+        let wake = self.cfg.durability != Durability::Async
+            || was_idle
+            || b.entries.len() >= ACKS_PER_FRAME;
+        let gen = b.gen;
+        drop(b);
+        if wake {
+            self.work.notify_one();
+        }
+        gen
+    }
+
+    /// Waits until the ack batch `gen` is durable (per the durability mode).
+    pub fn wait_acks(&self, gen: u64) -> Result<()> {
+        if self.cfg.durability == Durability::Async {
+            return self.check_failed();
+        }
+        self.wait_until(true, || self.acks_done.load(Ordering::SeqCst) > gen)
+    }
+
+    /// Waits until the ack batch `gen` and every frame submitted before it are written
+    /// and fsynced, whatever the durability mode.
+    pub fn wait_acks_durable(&self, gen: u64) -> Result<()> {
+        self.wait_until(true, || self.acks_done.load(Ordering::SeqCst) > gen)
+    }
+
+    // ----- closing and shutdown -----
+
+    fn close_locked(&self, st: &mut State, id: u64) {
+        if let Some(a) = st.actives.get_mut(&id) {
+            a.closing = true;
+            if let Some(b) = a.bucket {
+                if st.buckets.get(&b) == Some(&id) {
+                    st.buckets.remove(&b);
+                }
+            }
+            if st.ack_seg == Some(id) {
+                st.ack_seg = None;
+            }
+        }
+        self.work.notify_one();
+    }
+
+    /// Closes active segments that are too old, whose messages have all expired, or
+    /// whose messages are all dead, so that they can be shredded (or compacted).
+    pub fn retire(&self, now_ms: u64) {
+        let mut st = self.state.lock();
+        let ids: Vec<u64> = st
+            .actives
+            .values()
+            .filter(|a| !a.closing)
+            .filter(|a| {
+                let s = &a.seg;
+                let has_msgs = s.records.load(Ordering::SeqCst) > 0;
+                let old = now_ms.saturating_sub(a.created_ms) >= self.cfg.max_active_age_ms;
+                let expired = has_msgs && s.max_expiry_ms.load(Ordering::SeqCst) <= now_ms;
+                let idle_dead = has_msgs
+                    && s.live.load(Ordering::SeqCst) == 0
+                    && now_ms.saturating_sub(a.last_used_ms) >= 1000;
+                (old && (has_msgs || s.has_acks.load(Ordering::SeqCst))) || expired || idle_dead
+            })
+            .map(|a| a.seg.id)
+            .collect();
+        for id in ids {
+            self.close_locked(&mut st, id);
+        }
+    }
+
+    /// Writes and fsyncs everything, seals every active segment and stops the thread.
+    pub fn shutdown(&self) -> Result<()> {
+        {
+            let mut st = self.state.lock();
+            st.shutdown = true;
+            let ids: Vec<u64> = st.actives.keys().copied().collect();
+            for id in ids {
+                self.close_locked(&mut st, id);
+            }
+            self.work.notify_all();
+        }
+        if let Some(h) = self.thread.lock().take() {
+            let _ = h.join();
+        }
+        {
+            let _guard = self.state.lock();
+            self.progress.notify_all();
+        }
+        self.check_failed()
+    }
+
+    /// Ids of segments currently being written (never shredded).
+    pub fn active_ids(&self) -> Vec<u64> {
+        let st = self.state.lock();
+        let mut v: Vec<u64> = st.actives.keys().copied().collect();
+        v.extend(st.spare.as_ref().map(|s| s.id));
+        v
+    }
+
+    // ----- the writer thread -----
+
+    fn run(self: Arc<Self>) {
+        let mut crcs: HashMap<u64, (crc32fast::Hasher, u64)> = HashMap::new();
+        let mut unsynced: HashMap<u64, Arc<Segment>> = HashMap::new();
+        let mut last_sync = Instant::now();
+        loop {
+            let step = self.step(&mut crcs, &mut unsynced, &mut last_sync);
+            match step {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    self.fail(&e);
+                    break;
+                }
+            }
+        }
+        self.stopped.store(true, Ordering::SeqCst);
+        let _g = self.state.lock();
+        self.progress.notify_all();
+    }
+
+    /// One round: wait for work, write, fsync, seal, apply acks. `Ok(false)` = stopped.
+    #[allow(clippy::too_many_lines)]
+    fn step(
+        &self,
+        crcs: &mut HashMap<u64, (crc32fast::Hasher, u64)>,
+        unsynced: &mut HashMap<u64, Arc<Segment>>,
+        last_sync: &mut Instant,
+    ) -> Result<bool> {
+        let is_async = self.cfg.durability == Durability::Async;
+        let mut st = self.state.lock();
+        loop {
+            let acks_waiting = !self.acks.lock().entries.is_empty();
+            let closing_ready = st.actives.values().any(Active::ready_to_seal);
+            let sync_due = is_async
+                && st.pending_bytes == 0
+                && last_sync.elapsed() >= self.cfg.async_sync_interval;
+            let want = st.shutdown
+                || st.urgent
+                || st.waiters > 0
+                || closing_ready
+                || (st.spare.is_none() && !st.creating)
+                || (!is_async && (st.pending_bytes > 0 || acks_waiting))
+                || (is_async && (st.pending_bytes >= ASYNC_WAKE_BYTES || sync_due));
+            if want {
+                break;
+            }
+            let tick = if st.pending_bytes > 0 || acks_waiting {
+                Duration::from_millis(1)
+            } else {
+                self.cfg.async_sync_interval.min(Duration::from_millis(100))
+            };
+            if self.work.wait_for(&mut st, tick).timed_out()
+                && (st.pending_bytes > 0 || acks_waiting)
+            {
+                break;
+            }
+        }
+        // Group commit: hold the batch open briefly while more callers are arriving.
+        if let Durability::Group { max_delay } = self.cfg.durability {
+            while st.waiters > 0
+                && st.waiters < st.last_batch_waiters
+                && !st.shutdown
+                && st.first_waiter.is_some_and(|t| t.elapsed() < max_delay)
+            {
+                let left =
+                    max_delay.saturating_sub(st.first_waiter.map_or(max_delay, |t| t.elapsed()));
+                self.work.wait_for(&mut st, left);
+            }
+        }
+        let batch_waiters = st.waiters;
+        st.urgent = false;
+        st.first_waiter = None;
+
+        // Spare segment for rotation, created off the appenders' path.
+        if st.spare.is_none() && !st.creating && !st.shutdown {
+            st.creating = true;
+            let r = MutexGuard::unlocked(&mut st, || self.create_segment());
+            st.creating = false;
+            match r {
+                Ok(s) => st.spare = Some(s),
+                Err(e @ (Error::DiskFull { .. } | Error::DiskQuotaExceeded { .. })) => {
+                    // Not fatal: appenders will report it when they need a segment.
+                    let _ = e;
+                }
+                Err(e) => return Err(e),
+            }
+            self.progress.notify_all();
+        }
+
+        // Acks: reserve space in the ack segment now, seal after unlocking.
+        let (ack_gen, ack_entries) = {
+            let mut b = self.acks.lock();
+            let gen = b.gen;
+            b.gen += 1;
+            (gen, std::mem::take(&mut b.entries))
+        };
+        let mut ack_frames: Vec<(Arc<Segment>, u64, Vec<u64>)> = Vec::new();
+        for chunk in ack_entries.chunks(ACKS_PER_FRAME) {
+            let len = codec::acks_frame_len(chunk.len()) as u64;
+            let r = loop {
+                let fits = st
+                    .ack_seg
+                    .and_then(|id| st.actives.get(&id))
+                    .is_some_and(|a| a.tail + len + SEAL_FRAME_LEN as u64 <= self.cfg.segment_size);
+                if fits {
+                    break st.ack_seg.expect("checked");
+                }
+                if let Some(old) = st.ack_seg.take() {
+                    self.close_locked(&mut st, old);
+                }
+                if let Some(seg) = self.take_spare(&mut st)? {
+                    seg.has_acks.store(true, Ordering::SeqCst);
+                    st.ack_seg = Some(seg.id);
+                    let now = self.clock.now_ms();
+                    st.actives.insert(seg.id, Active::new(seg, None, now));
+                }
+            };
+            let a = st.actives.get_mut(&r).expect("ack segment is active");
+            let off = a.tail;
+            a.tail += len;
+            a.taken = a.tail.max(a.taken);
+            self.disk_used.fetch_add(len, Ordering::SeqCst);
+            ack_frames.push((Arc::clone(&a.seg), off, chunk.iter().map(|e| e.0).collect()));
+        }
+        if st.shutdown {
+            let ids: Vec<u64> = st
+                .actives
+                .values()
+                .filter(|a| !a.closing)
+                .map(|a| a.seg.id)
+                .collect();
+            for id in ids {
+                self.close_locked(&mut st, id);
+            }
+        }
+
+        // Take contiguous submitted frames of every active segment.
+        let mut runs: Vec<(Arc<Segment>, u64, Vec<Vec<u8>>)> = Vec::new();
+        let State {
+            actives,
+            pending_bytes,
+            ack_seg,
+            ..
+        } = &mut *st;
+        for a in actives.values_mut() {
+            if a.bucket.is_none() && *ack_seg == Some(a.seg.id) {
+                continue;
+            }
+            let start = a.taken;
+            let mut frames = Vec::new();
+            while let Some(f) = a.pending.remove(&a.taken) {
+                a.taken += f.len() as u64;
+                *pending_bytes -= f.len() as u64;
+                frames.push(f);
+            }
+            if !frames.is_empty() {
+                runs.push((Arc::clone(&a.seg), start, frames));
+            }
+        }
+        let to_seal: Vec<(Arc<Segment>, u64)> = st
+            .actives
+            .values()
+            .filter(|a| a.ready_to_seal())
+            .map(|a| (Arc::clone(&a.seg), a.tail))
+            .collect();
+        for (s, _) in &to_seal {
+            st.actives.remove(&s.id);
+        }
+        let shutdown = st.shutdown && st.actives.is_empty();
+        drop(st);
+        self.progress.notify_all();
+
+        // Seal and write ack frames (in order, into the ack segment).
+        for (seg, off, ids) in &ack_frames {
+            let f = codec::seal_acks(&seg.key, seg.id, *off, ids);
+            runs.push((Arc::clone(seg), *off, vec![f]));
+        }
+        runs.sort_by_key(|r| (r.0.id, r.1));
+        for (seg, start, frames) in runs {
+            let mut buf = Vec::with_capacity(frames.iter().map(Vec::len).sum());
+            let entry = crcs
+                .entry(seg.id)
+                .or_insert_with(|| (crc32fast::Hasher::new(), 0));
+            for f in &frames {
+                entry.0.update(f);
+                entry.1 += 1;
+                buf.extend_from_slice(f);
+            }
+            seg.write_at(&buf, start)?;
+            seg.written
+                .store(start + buf.len() as u64, Ordering::SeqCst);
+            unsynced.insert(seg.id, seg);
+        }
+        self.progress.notify_all();
+
+        let need_sync = batch_waiters > 0
+            || !ack_frames.is_empty() && !is_async
+            || (is_async && last_sync.elapsed() >= self.cfg.async_sync_interval)
+            || shutdown;
+        if need_sync {
+            for (_, seg) in unsynced.drain() {
+                let w = seg.written.load(Ordering::SeqCst);
+                if w > seg.durable.load(Ordering::SeqCst)
+                    && !to_seal.iter().any(|(s, _)| s.id == seg.id)
+                {
+                    seg.sync()?;
+                    seg.durable.store(w, Ordering::SeqCst);
+                }
+            }
+            *last_sync = Instant::now();
+        }
+
+        // Seal closed segments: seal frame, cut the preallocation, fsync, map, and record
+        // the final length in the keystore.
+        let mut sealed_lens = Vec::new();
+        for (seg, tail) in to_seal {
+            let (crc, count) = crcs
+                .remove(&seg.id)
+                .map_or((crc32fast::hash(&[]), 0), |(h, n)| (h.finalize(), n));
+            let salt = crate::crypto::random_u64()?;
+            let f = codec::seal_segment(&seg.key, seg.id, tail, count, crc, salt);
+            seg.write_at(&f, tail)?;
+            seg.truncate(tail + f.len() as u64)?;
+            seg.sync()?;
+            let end = tail + f.len() as u64;
+            self.disk_used.fetch_add(f.len() as u64, Ordering::SeqCst);
+            seg.written.store(end, Ordering::SeqCst);
+            seg.durable.store(end, Ordering::SeqCst);
+            seg.map_for_reading()?;
+            seg.closed.store(true, Ordering::SeqCst);
+            unsynced.remove(&seg.id);
+            sealed_lens.push((seg.id, end));
+        }
+        if !sealed_lens.is_empty() {
+            self.keyring.mark_sealed(&sealed_lens)?;
+            if let Some(cb) = self.on_dead.get() {
+                (cb.0)();
+            }
+        }
+
+        // Ack effects: link ack segments to the segments they ack into, then count the
+        // messages dead.
+        if !ack_entries.is_empty() {
+            let mut per_target: HashMap<u64, u64> = HashMap::new();
+            for (_, seg) in &ack_entries {
+                *per_target.entry(*seg).or_default() += 1;
+            }
+            let sources: Vec<Arc<Segment>> = ack_frames.iter().map(|f| Arc::clone(&f.0)).collect();
+            let mut any_dead = false;
+            for (target, n) in per_target {
+                let Some(t) = self.segments.get(target) else {
+                    continue;
+                };
+                for src in &sources {
+                    if src.id != t.id {
+                        src.links.lock().ack_targets.insert(t.id);
+                        t.links.lock().ack_sources.insert(src.id);
+                    }
+                }
+                t.dec_live(n);
+                any_dead |= t.live.load(Ordering::SeqCst) == 0;
+            }
+            if any_dead {
+                if let Some(cb) = self.on_dead.get() {
+                    (cb.0)();
+                }
+            }
+        }
+        if !is_async || need_sync {
+            self.acks_done.fetch_max(ack_gen + 1, Ordering::SeqCst);
+        }
+        let mut st = self.state.lock();
+        if batch_waiters > 0 {
+            st.last_batch_waiters = batch_waiters;
+        }
+        self.progress.notify_all();
+        Ok(!shutdown)
+    }
+}
+
+impl Active {
+    fn new(seg: Arc<Segment>, bucket: Option<Bucket>, now_ms: u64) -> Self {
+        let tail = seg.written.load(Ordering::SeqCst);
+        Active {
+            seg,
+            bucket,
+            tail,
+            taken: tail,
+            pending: BTreeMap::new(),
+            closing: false,
+            created_ms: now_ms,
+            last_used_ms: now_ms,
+        }
+    }
+
+    fn ready_to_seal(&self) -> bool {
+        self.closing && self.taken == self.tail && self.pending.is_empty()
+    }
+}
