@@ -105,7 +105,7 @@ pub(crate) struct Inner {
     closed: AtomicBool,
     report: RecoveryReport,
     maint_shard: Mutex<usize>,
-    _lock: DirLock,
+    lock: Mutex<Option<DirLock>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -224,7 +224,7 @@ impl Store {
             closed: AtomicBool::new(false),
             report: rec.report,
             maint_shard: Mutex::new(0),
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
             opts,
         });
         let weak = Arc::downgrade(&inner);
@@ -669,7 +669,10 @@ impl Store {
             });
         }
         r?;
-        self.inner.keyring.flush()
+        let flushed = self.inner.keyring.flush();
+        // Release the data dir: it can be opened again right away.
+        self.inner.lock.lock().take();
+        flushed
     }
 }
 

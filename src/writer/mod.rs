@@ -418,6 +418,11 @@ impl Writer {
         {
             let mut st = self.state.lock();
             st.shutdown = true;
+            // The spare is sealed too (empty), so no file is left half-initialised.
+            if let Some(spare) = st.spare.take() {
+                let now = self.clock.now_ms();
+                st.actives.insert(spare.id, Active::new(spare, None, now));
+            }
             let ids: Vec<u64> = st.actives.keys().copied().collect();
             for id in ids {
                 self.close_locked(&mut st, id);
@@ -569,6 +574,11 @@ impl Writer {
             ack_frames.push((Arc::clone(&a.seg), off, chunk.iter().map(|e| e.0).collect()));
         }
         if st.shutdown {
+            // A spare made while shutting down is sealed (empty) like everything else.
+            if let Some(spare) = st.spare.take() {
+                let now = self.clock.now_ms();
+                st.actives.insert(spare.id, Active::new(spare, None, now));
+            }
             let ids: Vec<u64> = st
                 .actives
                 .values()
