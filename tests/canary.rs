@@ -51,7 +51,7 @@ fn segment_ids(dir: &Path) -> HashSet<String> {
     all_bytes(dir)
         .into_iter()
         .map(|(n, _)| n)
-        .filter(|n| n.ends_with(".seg"))
+        .filter(|n| Path::new(n).extension().is_some_and(|e| e == "seg"))
         .collect()
 }
 
@@ -140,8 +140,19 @@ fn nothing_secret_at_rest_and_shredding_removes_everything() {
             "key of shredded segment {seg} still in the keystore"
         );
     }
+}
 
-    // Expiry: messages that expire are shredded without any ack.
+#[test]
+fn expired_messages_are_shredded_without_acks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = Arc::new(FileKeyProvider::create(tmp.path().join("key")).unwrap());
+    let clock = ManualClock::new(1_765_000_000_000);
+    let mut o = Options::new(key);
+    o.segment_size = 64 << 10;
+    o.max_message_size = 8 << 10;
+    o.clock = clock.clone();
+    o.background_reaper = false;
+    let store = Store::open(tmp.path().join("data"), o).unwrap();
     for n in 0..200 {
         store
             .append(
