@@ -93,7 +93,7 @@ pub enum Error {
     /// The queue already holds `Options::max_queue_len` messages.
     #[error("queue is full: {len} messages, quota {max}")]
     QueueFull { len: u64, max: u64 },
-    /// The queue's payload bytes would exceed `Options::max_queue_bytes`.
+    /// The queue's stored bytes (frames) would exceed `Options::max_queue_bytes`.
     #[error("queue byte quota exceeded: {bytes} bytes stored + {adding} > quota {max}")]
     QueueBytesExceeded { bytes: u64, adding: u64, max: u64 },
     /// The data dir would exceed `Options::max_disk_bytes`.

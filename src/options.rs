@@ -103,7 +103,8 @@ pub struct Options {
     pub max_ttl: Duration,
     /// Messages per queue, at most (default 100,000).
     pub max_queue_len: u64,
-    /// Payload bytes per queue, at most (default 1 GiB).
+    /// Stored bytes per queue, at most (default 1 GiB). Counts whole frames: the payload
+    /// plus 69 bytes and the queue id's length per message.
     pub max_queue_bytes: u64,
     /// Bytes the data dir may use (default 64 GiB).
     pub max_disk_bytes: u64,

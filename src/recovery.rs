@@ -95,6 +95,15 @@ fn list_dir(dir: &Path) -> Result<Listing> {
         let name = name.to_string_lossy();
         if let Some(id) = segment::parse_file_name(&name) {
             l.segments.insert(id, entry.path());
+        } else if name
+            .strip_suffix(".tmp")
+            .and_then(segment::parse_file_name)
+            .is_some()
+        {
+            // A segment creation interrupted before its rename: its key (if persisted) has
+            // no file and is dropped below.
+            fs::remove_file(entry.path())
+                .map_err(|e| Error::io("remove temp segment", entry.path(), e))?;
         } else if name == format!("{KEYSTORE_FILE}.tmp") {
             // An interrupted keystore write: the rename never happened, the old file rules.
             fs::remove_file(entry.path())
@@ -346,10 +355,12 @@ fn scan_segment(
     let walk = walk_frames(&key, id, &bytes, path, &mut out)?;
     let mut end = walk.end;
     if let Some((bad, kind)) = walk.damage {
-        if sealed || mode == RecoveryMode::Strict {
+        // Zeros after the last frame of an unsealed segment are its preallocation: a clean
+        // end, not damage. Anything else there is a torn tail.
+        let dropped = bytes[bad..].iter().filter(|&&b| b != 0).count() as u64;
+        if sealed || (mode == RecoveryMode::Strict && dropped > 0) {
             return Err(Error::corruption(path, bad as u64, kind));
         }
-        let dropped = bytes[bad..].iter().filter(|&&b| b != 0).count() as u64;
         if dropped > 0 {
             out.truncated = Some((bad as u64, dropped));
         }

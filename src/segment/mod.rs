@@ -112,12 +112,15 @@ impl Segment {
 
     /// Creates a new segment file (mode 0600) with its header, preallocated to
     /// `prealloc` bytes so that a full disk shows up here and not in the middle of a
-    /// frame. The file and the directory entry are fsynced.
+    /// frame. The file is built under a temporary name and renamed into place once its
+    /// header is durable, so a crash never leaves a segment file without a valid header.
     pub fn create(dir: &Path, id: u64, dek: &Dek, kek_id: u64, prealloc: u64) -> Result<Self> {
         let path = dir.join(file_name(id));
-        let file = fsutil::create_private_file(&path)?;
+        let tmp = fsutil::tmp_path(&path);
+        let _ = std::fs::remove_file(&tmp);
+        let file = fsutil::create_private_file(&tmp)?;
         let res = (|| {
-            preallocate(&file, prealloc).map_err(|e| Error::io("preallocate segment", &path, e))?;
+            preallocate(&file, prealloc).map_err(|e| Error::io("preallocate segment", &tmp, e))?;
             let h = SegmentHeader {
                 segment_id: id,
                 dek_id: id,
@@ -125,11 +128,13 @@ impl Segment {
             };
             file.write_all_at(&h.encode(), 0)
                 .and_then(|()| file.sync_all())
-                .map_err(|e| Error::io("write segment header", &path, e))?;
+                .map_err(|e| Error::io("write segment header", &tmp, e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| Error::io("rename segment", &path, e))?;
             fsutil::sync_dir(dir)
         })();
         if let Err(e) = res {
             drop(file);
+            let _ = std::fs::remove_file(&tmp);
             let _ = std::fs::remove_file(&path);
             return Err(e);
         }

@@ -10,7 +10,7 @@
 mod bucket;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,6 +32,8 @@ const MAX_ACTIVE_BUCKETS: usize = 8;
 const MAX_PENDING_BYTES: u64 = 64 << 20;
 /// In Async mode, the writer is woken early once this many bytes are queued.
 const ASYNC_WAKE_BYTES: u64 = 1 << 20;
+/// Group commit stops lingering when no caller arrived for this long.
+const LINGER_QUIET: Duration = Duration::from_micros(50);
 /// Ack ids per ack frame, at most.
 const ACKS_PER_FRAME: usize = 1 << 16;
 
@@ -68,10 +70,6 @@ struct State {
     buckets: HashMap<Bucket, u64>,
     ack_seg: Option<u64>,
     spare: Option<Arc<Segment>>,
-    /// Callers waiting for durability.
-    waiters: usize,
-    first_waiter: Option<Instant>,
-    last_batch_waiters: usize,
     /// Someone (a reader, close) wants pending frames written now.
     urgent: bool,
     shutdown: bool,
@@ -94,7 +92,26 @@ pub struct Writer {
     segments: Arc<SegmentTable>,
     state: Mutex<State>,
     work: Condvar,
+    /// Durability waiters sleep on `progress` with this lock (kept apart from `state`, so
+    /// that waking a whole batch does not contend with appenders and the writer).
+    sync: Mutex<()>,
+    /// Durability waiters sleep here; notified once per fsync round.
     progress: Condvar,
+    /// Callers waiting for durability, and when the first and the last of them arrived
+    /// (nanoseconds since `epoch`, 0 = none).
+    waiters: AtomicUsize,
+    /// Durability requests since the current batch started (the batch's size so far).
+    arrivals: AtomicUsize,
+    /// Recent largest number of callers served by one fsync (decays slowly).
+    peak_batch: AtomicUsize,
+    /// The writer is holding a batch open; arrivals wake it only when the batch is full.
+    lingering: std::sync::atomic::AtomicBool,
+    first_waiter_ns: AtomicU64,
+    last_arrival_ns: AtomicU64,
+    epoch: Instant,
+    /// Readers of unwritten frames, back-pressured appenders and spare-segment waiters
+    /// sleep here; notified when frames are taken or written, or a spare is made.
+    moved: Condvar,
     acks: Mutex<AckBuf>,
     acks_done: AtomicU64,
     failed: OnceLock<String>,
@@ -139,6 +156,15 @@ impl Writer {
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             progress: Condvar::new(),
+            sync: Mutex::new(()),
+            waiters: AtomicUsize::new(0),
+            arrivals: AtomicUsize::new(0),
+            peak_batch: AtomicUsize::new(0),
+            lingering: std::sync::atomic::AtomicBool::new(false),
+            first_waiter_ns: AtomicU64::new(0),
+            last_arrival_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
+            moved: Condvar::new(),
             acks: Mutex::new(AckBuf::default()),
             acks_done: AtomicU64::new(0),
             failed: OnceLock::new(),
@@ -171,7 +197,8 @@ impl Writer {
     fn fail(&self, e: &Error) {
         let _ = self.failed.set(e.to_string());
         let _g = self.state.lock();
-        self.progress.notify_all();
+        self.wake_parked();
+        self.moved.notify_all();
     }
 
     // ----- reservation (API threads) -----
@@ -197,7 +224,7 @@ impl Writer {
             let mut st = self.state.lock();
             while st.pending_bytes > MAX_PENDING_BYTES && self.failed.get().is_none() {
                 self.work.notify_one();
-                self.progress.wait_for(&mut st, Duration::from_millis(50));
+                self.moved.wait_for(&mut st, Duration::from_millis(50));
             }
             if st.shutdown {
                 return Err(Error::Closed);
@@ -255,13 +282,13 @@ impl Writer {
             return Ok(Some(s));
         }
         if st.creating {
-            self.progress.wait_for(st, Duration::from_millis(20));
+            self.moved.wait_for(st, Duration::from_millis(20));
             return Ok(None);
         }
         st.creating = true;
         let r = MutexGuard::unlocked(st, || self.create_segment());
         st.creating = false;
-        self.progress.notify_all();
+        self.moved.notify_all();
         let seg = r?;
         st.spare = Some(seg);
         Ok(None)
@@ -306,36 +333,67 @@ impl Writer {
         if seg.written.load(Ordering::SeqCst) >= end {
             return Ok(());
         }
-        {
-            let mut st = self.state.lock();
-            st.urgent = true;
-        }
         self.wait_until(false, || seg.written.load(Ordering::SeqCst) >= end)
     }
 
+    fn now_ns(&self) -> u64 {
+        (self.epoch.elapsed().as_nanos() as u64).max(1)
+    }
+
     fn wait_until(&self, durable: bool, done: impl Fn() -> bool) -> Result<()> {
-        let mut st = self.state.lock();
-        if durable {
-            st.waiters += 1;
-            st.first_waiter.get_or_insert_with(Instant::now);
+        if done() {
+            return self.check_failed();
         }
-        self.work.notify_one();
-        let r = loop {
-            if done() {
-                break Ok(());
-            }
-            if let Err(e) = self.check_failed() {
-                break Err(e);
-            }
-            if self.stopped.load(Ordering::SeqCst) {
-                break Err(Error::Closed);
-            }
-            self.progress.wait_for(&mut st, Duration::from_millis(100));
-        };
-        if durable {
-            st.waiters -= 1;
+        if !durable {
+            let mut st = self.state.lock();
+            st.urgent = true;
+            self.work.notify_one();
+            return self.wait_loop(&mut st, &self.moved, &done);
         }
+        let now = self.now_ns();
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let arrived = self.arrivals.fetch_add(1, Ordering::SeqCst) + 1;
+        let _ = self
+            .first_waiter_ns
+            .compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+        self.last_arrival_ns.store(now, Ordering::SeqCst);
+        // While the writer lingers it checks the batch on its own timer; only the arrival
+        // that fills the batch wakes it. Otherwise taking the state lock orders this
+        // arrival before the writer's next check, and the notify wakes it.
+        if !self.lingering.load(Ordering::SeqCst)
+            || arrived >= self.peak_batch.load(Ordering::SeqCst)
+        {
+            drop(self.state.lock());
+            self.work.notify_one();
+        }
+        let mut g = self.sync.lock();
+        let r = self.wait_loop(&mut g, &self.progress, &done);
+        drop(g);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
         r
+    }
+
+    fn wake_parked(&self) {
+        let _g = self.sync.lock();
+        self.progress.notify_all();
+    }
+
+    fn wait_loop<T>(
+        &self,
+        g: &mut MutexGuard<'_, T>,
+        cv: &Condvar,
+        done: &impl Fn() -> bool,
+    ) -> Result<()> {
+        loop {
+            if done() {
+                return Ok(());
+            }
+            self.check_failed()?;
+            if self.stopped.load(Ordering::SeqCst) {
+                return Err(Error::Closed);
+            }
+            cv.wait_for(g, Duration::from_millis(100));
+        }
     }
 
     // ----- acks -----
@@ -434,7 +492,8 @@ impl Writer {
         }
         {
             let _guard = self.state.lock();
-            self.progress.notify_all();
+            self.wake_parked();
+            self.moved.notify_all();
         }
         self.check_failed()
     }
@@ -466,7 +525,39 @@ impl Writer {
         }
         self.stopped.store(true, Ordering::SeqCst);
         let _g = self.state.lock();
-        self.progress.notify_all();
+        self.wake_parked();
+        self.moved.notify_all();
+    }
+
+    /// Group commit: when several callers have been sharing fsyncs, hold the batch open
+    /// while more keep arriving: until as many wait as recently did, or none arrived for
+    /// `LINGER_QUIET`, or `max_delay` after the first. A lone caller never waits.
+    fn linger(&self, st: &mut MutexGuard<'_, State>, max_delay: Duration) {
+        let peak = self.peak_batch.load(Ordering::SeqCst);
+        if peak <= 1 {
+            return;
+        }
+        let max_ns = max_delay.as_nanos() as u64;
+        let quiet_ns = LINGER_QUIET.as_nanos() as u64;
+        self.lingering.store(true, Ordering::SeqCst);
+        loop {
+            let (first, last) = (
+                self.first_waiter_ns.load(Ordering::SeqCst),
+                self.last_arrival_ns.load(Ordering::SeqCst),
+            );
+            let arrived = self.arrivals.load(Ordering::SeqCst);
+            if first == 0 || arrived == 0 || st.shutdown || arrived >= peak {
+                break;
+            }
+            let now = self.now_ns();
+            let (since_first, quiet) = (now.saturating_sub(first), now.saturating_sub(last));
+            if since_first >= max_ns || quiet >= quiet_ns {
+                break;
+            }
+            let t = (quiet_ns - quiet).min(max_ns - since_first);
+            self.work.wait_for(st, Duration::from_nanos(t));
+        }
+        self.lingering.store(false, Ordering::SeqCst);
     }
 
     /// One round: wait for work, write, fsync, seal, apply acks. `Ok(false)` = stopped.
@@ -487,7 +578,8 @@ impl Writer {
                 && last_sync.elapsed() >= self.cfg.async_sync_interval;
             let want = st.shutdown
                 || st.urgent
-                || st.waiters > 0
+                || self.arrivals.load(Ordering::SeqCst) > 0
+                || (self.waiters.load(Ordering::SeqCst) > 0 && !unsynced.is_empty())
                 || closing_ready
                 || (st.spare.is_none() && !st.creating)
                 || (!is_async && (st.pending_bytes > 0 || acks_waiting))
@@ -508,19 +600,14 @@ impl Writer {
         }
         // Group commit: hold the batch open briefly while more callers are arriving.
         if let Durability::Group { max_delay } = self.cfg.durability {
-            while st.waiters > 0
-                && st.waiters < st.last_batch_waiters
-                && !st.shutdown
-                && st.first_waiter.is_some_and(|t| t.elapsed() < max_delay)
-            {
-                let left =
-                    max_delay.saturating_sub(st.first_waiter.map_or(max_delay, |t| t.elapsed()));
-                self.work.wait_for(&mut st, left);
-            }
+            self.linger(&mut st, max_delay);
         }
-        let batch_waiters = st.waiters;
+        // Callers that arrived from here on are served by the next fsync.
+        let batch_waiters = self.arrivals.swap(0, Ordering::SeqCst);
+        let stale_waiters = self.waiters.load(Ordering::SeqCst) > 0;
         st.urgent = false;
-        st.first_waiter = None;
+        self.first_waiter_ns.store(0, Ordering::SeqCst);
+        self.last_arrival_ns.store(0, Ordering::SeqCst);
 
         // Spare segment for rotation, created off the appenders' path.
         if st.spare.is_none() && !st.creating && !st.shutdown {
@@ -535,7 +622,7 @@ impl Writer {
                 }
                 Err(e) => return Err(e),
             }
-            self.progress.notify_all();
+            self.moved.notify_all();
         }
 
         // Acks: reserve space in the ack segment now, seal after unlocking.
@@ -624,7 +711,7 @@ impl Writer {
         }
         let shutdown = st.shutdown && st.actives.is_empty();
         drop(st);
-        self.progress.notify_all();
+        self.moved.notify_all();
 
         // Seal and write ack frames (in order, into the ack segment).
         for (seg, off, ids) in &ack_frames {
@@ -647,9 +734,10 @@ impl Writer {
                 .store(start + buf.len() as u64, Ordering::SeqCst);
             unsynced.insert(seg.id, seg);
         }
-        self.progress.notify_all();
+        self.moved.notify_all();
 
         let need_sync = batch_waiters > 0
+            || (stale_waiters && !unsynced.is_empty())
             || !ack_frames.is_empty() && !is_async
             || (is_async && last_sync.elapsed() >= self.cfg.async_sync_interval)
             || shutdown;
@@ -725,11 +813,21 @@ impl Writer {
         if !is_async || need_sync {
             self.acks_done.fetch_max(ack_gen + 1, Ordering::SeqCst);
         }
-        let mut st = self.state.lock();
+        let st = self.state.lock();
         if batch_waiters > 0 {
-            st.last_batch_waiters = batch_waiters;
+            let peak = self.peak_batch.load(Ordering::SeqCst);
+            let next = if batch_waiters >= peak {
+                batch_waiters
+            } else {
+                peak - (peak - batch_waiters).div_ceil(8)
+            };
+            self.peak_batch.store(next, Ordering::SeqCst);
         }
-        self.progress.notify_all();
+        drop(st);
+        {
+            self.wake_parked();
+        }
+        self.moved.notify_all();
         Ok(!shutdown)
     }
 }
