@@ -59,8 +59,45 @@ fn main() {
         seq_bw / 1e6
     );
 
+    append_tables(tmp.path(), &key, &cfg, &seal, fsync_p50, seq_bw);
+
+    println!("\n## Read and ack\n");
+    let (read_rate, read_size) = read_rate(tmp.path(), &key, cfg.secs);
+    println!("| op | msgs/s |\n|---|---|");
+    println!("| read, 1 KiB, pages of 100, one thread | {read_rate:.0} (payload {read_size} B) |");
+    for &n in &cfg.ack_lens {
+        let fifo = ack_rate(tmp.path(), &key, n, cfg.secs, false);
+        let random = ack_rate(tmp.path(), &key, n, cfg.secs, true);
+        println!("| ack (Async), queue length {n}, FIFO order | {fifo:.0} |");
+        println!("| ack (Async), queue length {n}, random order | {random:.0} |");
+    }
+    let g = ack_group_rate(tmp.path(), &key, 8, cfg.secs);
+    println!("| ack (Group), 8 threads | {g:.0} |");
+
+    println!("\n## Recovery and memory\n");
+    let (secs, bytes, msgs, index_bytes) = recovery(tmp.path(), &key, cfg.recovery_bytes);
+    println!("| measure | value |\n|---|---|");
+    println!(
+        "| reopen with {:.2} GB live ({msgs} msgs of 1 KiB) | {secs:.2} s ({:.2} s per GB) |",
+        bytes as f64 / 1e9,
+        secs / (bytes as f64 / 1e9)
+    );
+    println!(
+        "| index memory per queued message | {:.1} bytes |",
+        index_bytes as f64 / msgs as f64
+    );
+}
+
+fn append_tables(
+    dir: &std::path::Path,
+    key: &Arc<FileKeyProvider>,
+    cfg: &Cfg,
+    seal: &[(f64, f64)],
+    fsync_p50: f64,
+    seq_bw: f64,
+) {
     println!("## Append throughput\n");
-    println!("| payload | mode | threads | msgs/s | MB/s | vs seal limit | vs fsync limit | vs seq. write |");
+    println!("| payload | mode | threads | msgs/s | MB/s | vs seal limit | msgs per fsync latency | vs seq. write |");
     println!("|---|---|---|---|---|---|---|---|");
     let mut sync1 = 0.0;
     for (si, size) in [64usize, 1024, 65536].into_iter().enumerate() {
@@ -75,7 +112,7 @@ fn main() {
                 &[1, 4]
             };
             for &t in threads {
-                let rate = append_rate(tmp.path(), &key, dur, size, t, cfg.secs);
+                let rate = append_rate(dir, key, dur, size, (t, 1), cfg.secs);
                 if size == 1024 && mode == "Sync" && t == 1 {
                     sync1 = rate;
                 }
@@ -95,28 +132,14 @@ fn main() {
         }
     }
 
-    println!("\n## Read and ack\n");
-    let (read_rate, read_size) = read_rate(tmp.path(), &key, cfg.secs);
-    println!("| op | msgs/s |\n|---|---|");
-    println!("| read, 1 KiB, pages of 100, one thread | {read_rate:.0} (payload {read_size} B) |");
-    for &n in &cfg.ack_lens {
-        let r = ack_rate(tmp.path(), &key, n, cfg.secs);
-        println!("| ack (Async), queue length {n} | {r:.0} |");
-    }
-    let g = ack_group_rate(tmp.path(), &key, 8, cfg.secs);
-    println!("| ack (Group), 8 threads | {g:.0} |");
-
-    println!("\n## Recovery and memory\n");
-    let (secs, bytes, msgs, index_bytes) = recovery(tmp.path(), &key, cfg.recovery_bytes);
-    println!("| measure | value |\n|---|---|");
+    let batched = append_rate(dir, key, Durability::default(), 1024, (32, 8), cfg.secs);
     println!(
-        "| reopen with {:.2} GB live ({msgs} msgs of 1 KiB) | {secs:.2} s ({:.2} s per GB) |",
-        bytes as f64 / 1e9,
-        secs / (bytes as f64 / 1e9)
-    );
-    println!(
-        "| index memory per queued message | {:.1} bytes |",
-        index_bytes as f64 / msgs as f64
+        "| 1024 B | Group, append_batch of 8 | 32 | {batched:.0} ({:.1}x Sync, 1 thread) | {:.1} | {:.2} | {:.2} | {:.2} |",
+        batched / sync1.max(1.0),
+        batched * 1024.0 / 1e6,
+        batched / seal[1].0,
+        batched * fsync_p50 / 1e6,
+        batched * 1024.0 / seq_bw,
     );
 }
 
@@ -229,7 +252,7 @@ fn append_rate(
     key: &Arc<FileKeyProvider>,
     d: Durability,
     size: usize,
-    threads: usize,
+    (threads, batch): (usize, usize),
     secs: f64,
 ) -> f64 {
     let data = tempfile::tempdir_in(dir).unwrap();
@@ -247,12 +270,17 @@ fn append_rate(
             std::thread::spawn(move || {
                 let q = format!("queue-{t}");
                 let mut n = 0u64;
+                let items: Vec<cinder::NewMessage<'_>> = (0..batch)
+                    .map(|_| cinder::NewMessage {
+                        queue: q.as_bytes(),
+                        payload: &payload,
+                        ttl: Duration::from_secs(3600),
+                    })
+                    .collect();
                 while start.elapsed().as_secs_f64() < secs {
                     for _ in 0..16 {
-                        store
-                            .append(q.as_bytes(), &payload, Duration::from_secs(3600))
-                            .unwrap();
-                        n += 1;
+                        store.append_batch(&items).unwrap();
+                        n += batch as u64;
                     }
                 }
                 count.fetch_add(n, Ordering::SeqCst);
@@ -300,7 +328,13 @@ fn read_rate(dir: &std::path::Path, key: &Arc<FileKeyProvider>, secs: f64) -> (f
 
 /// Acks from a queue kept at length `len` (topped up between timed rounds), in a
 /// scattered order so the index is not walked front to back.
-fn ack_rate(dir: &std::path::Path, key: &Arc<FileKeyProvider>, len: usize, secs: f64) -> f64 {
+fn ack_rate(
+    dir: &std::path::Path,
+    key: &Arc<FileKeyProvider>,
+    len: usize,
+    secs: f64,
+    random: bool,
+) -> f64 {
     let data = tempfile::tempdir_in(dir).unwrap();
     let store = Store::open(data.path(), opts(key, Durability::Async)).unwrap();
     let mut ids = fill(&store, b"a", len, 16);
@@ -308,8 +342,12 @@ fn ack_rate(dir: &std::path::Path, key: &Arc<FileKeyProvider>, len: usize, secs:
     let mut acked = 0u64;
     let mut timed = Duration::ZERO;
     while timed.as_secs_f64() < secs {
-        scatter(&mut ids);
-        let batch: Vec<MessageId> = ids.drain(ids.len() - round..).collect();
+        let batch: Vec<MessageId> = if random {
+            scatter(&mut ids);
+            ids.drain(ids.len() - round..).collect()
+        } else {
+            ids.drain(..round).collect()
+        };
         let t = Instant::now();
         for id in &batch {
             store.ack(b"a", *id).unwrap();

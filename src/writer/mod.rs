@@ -509,12 +509,13 @@ impl Writer {
     // ----- the writer thread -----
 
     fn run(self: Arc<Self>) {
-        let mut crcs: HashMap<u64, (crc32fast::Hasher, u64)> = HashMap::new();
-        let mut unsynced: HashMap<u64, Arc<Segment>> = HashMap::new();
-        let mut last_sync = Instant::now();
+        let mut ws = WriterLocal {
+            crcs: HashMap::new(),
+            unsynced: HashMap::new(),
+            last_sync: Instant::now(),
+        };
         loop {
-            let step = self.step(&mut crcs, &mut unsynced, &mut last_sync);
-            match step {
+            match self.step(&mut ws) {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => {
@@ -561,43 +562,10 @@ impl Writer {
     }
 
     /// One round: wait for work, write, fsync, seal, apply acks. `Ok(false)` = stopped.
-    #[allow(clippy::too_many_lines)]
-    fn step(
-        &self,
-        crcs: &mut HashMap<u64, (crc32fast::Hasher, u64)>,
-        unsynced: &mut HashMap<u64, Arc<Segment>>,
-        last_sync: &mut Instant,
-    ) -> Result<bool> {
+    fn step(&self, ws: &mut WriterLocal) -> Result<bool> {
         let is_async = self.cfg.durability == Durability::Async;
         let mut st = self.state.lock();
-        loop {
-            let acks_waiting = !self.acks.lock().entries.is_empty();
-            let closing_ready = st.actives.values().any(Active::ready_to_seal);
-            let sync_due = is_async
-                && st.pending_bytes == 0
-                && last_sync.elapsed() >= self.cfg.async_sync_interval;
-            let want = st.shutdown
-                || st.urgent
-                || self.arrivals.load(Ordering::SeqCst) > 0
-                || (self.waiters.load(Ordering::SeqCst) > 0 && !unsynced.is_empty())
-                || closing_ready
-                || (st.spare.is_none() && !st.creating)
-                || (!is_async && (st.pending_bytes > 0 || acks_waiting))
-                || (is_async && (st.pending_bytes >= ASYNC_WAKE_BYTES || sync_due));
-            if want {
-                break;
-            }
-            let tick = if st.pending_bytes > 0 || acks_waiting {
-                Duration::from_millis(1)
-            } else {
-                self.cfg.async_sync_interval.min(Duration::from_millis(100))
-            };
-            if self.work.wait_for(&mut st, tick).timed_out()
-                && (st.pending_bytes > 0 || acks_waiting)
-            {
-                break;
-            }
-        }
+        self.wait_for_work(&mut st, ws);
         // Group commit: hold the batch open briefly while more callers are arriving.
         if let Durability::Group { max_delay } = self.cfg.durability {
             self.linger(&mut st, max_delay);
@@ -608,34 +576,117 @@ impl Writer {
         st.urgent = false;
         self.first_waiter_ns.store(0, Ordering::SeqCst);
         self.last_arrival_ns.store(0, Ordering::SeqCst);
-
-        // Spare segment for rotation, created off the appenders' path.
-        if st.spare.is_none() && !st.creating && !st.shutdown {
-            st.creating = true;
-            let r = MutexGuard::unlocked(&mut st, || self.create_segment());
-            st.creating = false;
-            match r {
-                Ok(s) => st.spare = Some(s),
-                Err(e @ (Error::DiskFull { .. } | Error::DiskQuotaExceeded { .. })) => {
-                    // Not fatal: appenders will report it when they need a segment.
-                    let _ = e;
-                }
-                Err(e) => return Err(e),
-            }
-            self.moved.notify_all();
-        }
-
-        // Acks: reserve space in the ack segment now, seal after unlocking.
+        self.ensure_spare(&mut st)?;
         let (ack_gen, ack_entries) = {
             let mut b = self.acks.lock();
             let gen = b.gen;
             b.gen += 1;
             (gen, std::mem::take(&mut b.entries))
         };
-        let mut ack_frames: Vec<(Arc<Segment>, u64, Vec<u64>)> = Vec::new();
-        for chunk in ack_entries.chunks(ACKS_PER_FRAME) {
+        let ack_frames = self.reserve_acks(&mut st, &ack_entries)?;
+        if st.shutdown {
+            self.close_all(&mut st);
+        }
+        let (mut runs, to_seal) = Self::take_runs(&mut st);
+        let shutdown = st.shutdown && st.actives.is_empty();
+        drop(st);
+        self.moved.notify_all();
+
+        for (seg, off, ids) in &ack_frames {
+            let f = codec::seal_acks(&seg.key, seg.id, *off, ids);
+            runs.push((Arc::clone(seg), *off, vec![f]));
+        }
+        Self::write_runs(runs, ws)?;
+        self.moved.notify_all();
+
+        let need_sync = batch_waiters > 0
+            || (stale_waiters && !ws.unsynced.is_empty())
+            || !ack_frames.is_empty() && !is_async
+            || (is_async && ws.last_sync.elapsed() >= self.cfg.async_sync_interval)
+            || shutdown;
+        if need_sync {
+            for (_, seg) in ws.unsynced.drain() {
+                let w = seg.written.load(Ordering::SeqCst);
+                // Segments about to be sealed are fsynced by the seal.
+                if w > seg.durable.load(Ordering::SeqCst)
+                    && !to_seal.iter().any(|(s, _)| s.id == seg.id)
+                {
+                    seg.sync()?;
+                    seg.durable.store(w, Ordering::SeqCst);
+                }
+            }
+            ws.last_sync = Instant::now();
+        }
+        self.seal_segments(to_seal, ws)?;
+        self.apply_acks(&ack_entries, &ack_frames);
+        if !is_async || need_sync {
+            self.acks_done.fetch_max(ack_gen + 1, Ordering::SeqCst);
+        }
+        self.finish_round(batch_waiters);
+        Ok(!shutdown)
+    }
+
+    /// Sleeps until there is something to do.
+    fn wait_for_work(&self, st: &mut MutexGuard<'_, State>, ws: &WriterLocal) {
+        let is_async = self.cfg.durability == Durability::Async;
+        loop {
+            let acks_waiting = !self.acks.lock().entries.is_empty();
+            let closing_ready = st.actives.values().any(Active::ready_to_seal);
+            let sync_due = is_async
+                && st.pending_bytes == 0
+                && ws.last_sync.elapsed() >= self.cfg.async_sync_interval;
+            let want = st.shutdown
+                || st.urgent
+                || self.arrivals.load(Ordering::SeqCst) > 0
+                || (self.waiters.load(Ordering::SeqCst) > 0 && !ws.unsynced.is_empty())
+                || closing_ready
+                || (st.spare.is_none() && !st.creating)
+                || (!is_async && (st.pending_bytes > 0 || acks_waiting))
+                || (is_async && (st.pending_bytes >= ASYNC_WAKE_BYTES || sync_due));
+            if want {
+                return;
+            }
+            let busy = st.pending_bytes > 0 || acks_waiting;
+            let tick = if busy {
+                Duration::from_millis(1)
+            } else {
+                self.cfg.async_sync_interval.min(Duration::from_millis(100))
+            };
+            if self.work.wait_for(st, tick).timed_out() && busy {
+                return;
+            }
+        }
+    }
+
+    /// Creates the spare segment for the next rotation, off the appenders' path. A full
+    /// disk is not fatal here: appenders report it when they need a segment.
+    fn ensure_spare(&self, st: &mut MutexGuard<'_, State>) -> Result<()> {
+        if st.spare.is_some() || st.creating || st.shutdown {
+            return Ok(());
+        }
+        st.creating = true;
+        let r = MutexGuard::unlocked(st, || self.create_segment());
+        st.creating = false;
+        self.moved.notify_all();
+        match r {
+            Ok(s) => st.spare = Some(s),
+            Err(Error::DiskFull { .. } | Error::DiskQuotaExceeded { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// Reserves space for the ack frames in the active ack segment (rotating it when
+    /// full); the frames are sealed after the lock is dropped.
+    fn reserve_acks(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        entries: &[(u64, u64)],
+    ) -> Result<Vec<AckFrame>> {
+        let mut frames = Vec::new();
+        for chunk in entries.chunks(ACKS_PER_FRAME) {
             let len = codec::acks_frame_len(chunk.len()) as u64;
-            let r = loop {
+            let id = loop {
                 let fits = st
                     .ack_seg
                     .and_then(|id| st.actives.get(&id))
@@ -644,51 +695,52 @@ impl Writer {
                     break st.ack_seg.expect("checked");
                 }
                 if let Some(old) = st.ack_seg.take() {
-                    self.close_locked(&mut st, old);
+                    self.close_locked(st, old);
                 }
-                if let Some(seg) = self.take_spare(&mut st)? {
+                if let Some(seg) = self.take_spare(st)? {
                     seg.has_acks.store(true, Ordering::SeqCst);
                     st.ack_seg = Some(seg.id);
                     let now = self.clock.now_ms();
                     st.actives.insert(seg.id, Active::new(seg, None, now));
                 }
             };
-            let a = st.actives.get_mut(&r).expect("ack segment is active");
+            let a = st.actives.get_mut(&id).expect("ack segment is active");
             let off = a.tail;
             a.tail += len;
-            a.taken = a.tail.max(a.taken);
+            a.taken = a.tail;
             self.disk_used.fetch_add(len, Ordering::SeqCst);
-            ack_frames.push((Arc::clone(&a.seg), off, chunk.iter().map(|e| e.0).collect()));
+            frames.push((Arc::clone(&a.seg), off, chunk.iter().map(|e| e.0).collect()));
         }
-        if st.shutdown {
-            // A spare made while shutting down is sealed (empty) like everything else.
-            if let Some(spare) = st.spare.take() {
-                let now = self.clock.now_ms();
-                st.actives.insert(spare.id, Active::new(spare, None, now));
-            }
-            let ids: Vec<u64> = st
-                .actives
-                .values()
-                .filter(|a| !a.closing)
-                .map(|a| a.seg.id)
-                .collect();
-            for id in ids {
-                self.close_locked(&mut st, id);
-            }
-        }
+        Ok(frames)
+    }
 
-        // Take contiguous submitted frames of every active segment.
-        let mut runs: Vec<(Arc<Segment>, u64, Vec<Vec<u8>>)> = Vec::new();
+    /// At shutdown: closes every active segment, and the spare (sealed empty).
+    fn close_all(&self, st: &mut State) {
+        if let Some(spare) = st.spare.take() {
+            let now = self.clock.now_ms();
+            st.actives.insert(spare.id, Active::new(spare, None, now));
+        }
+        let ids: Vec<u64> = st
+            .actives
+            .values()
+            .filter(|a| !a.closing)
+            .map(|a| a.seg.id)
+            .collect();
+        for id in ids {
+            self.close_locked(st, id);
+        }
+    }
+
+    /// Takes the contiguous submitted frames of every active segment, and the closed
+    /// segments that are complete (removed from the actives, to be sealed).
+    fn take_runs(st: &mut State) -> (Vec<Run>, Vec<(Arc<Segment>, u64)>) {
+        let mut runs = Vec::new();
         let State {
             actives,
             pending_bytes,
-            ack_seg,
             ..
-        } = &mut *st;
+        } = st;
         for a in actives.values_mut() {
-            if a.bucket.is_none() && *ack_seg == Some(a.seg.id) {
-                continue;
-            }
             let start = a.taken;
             let mut frames = Vec::new();
             while let Some(f) = a.pending.remove(&a.taken) {
@@ -709,19 +761,17 @@ impl Writer {
         for (s, _) in &to_seal {
             st.actives.remove(&s.id);
         }
-        let shutdown = st.shutdown && st.actives.is_empty();
-        drop(st);
-        self.moved.notify_all();
+        (runs, to_seal)
+    }
 
-        // Seal and write ack frames (in order, into the ack segment).
-        for (seg, off, ids) in &ack_frames {
-            let f = codec::seal_acks(&seg.key, seg.id, *off, ids);
-            runs.push((Arc::clone(seg), *off, vec![f]));
-        }
+    /// Writes each run with one `pwrite`, in offset order, keeping each segment's running
+    /// checksum and frame count for its seal.
+    fn write_runs(mut runs: Vec<Run>, ws: &mut WriterLocal) -> Result<()> {
         runs.sort_by_key(|r| (r.0.id, r.1));
         for (seg, start, frames) in runs {
             let mut buf = Vec::with_capacity(frames.iter().map(Vec::len).sum());
-            let entry = crcs
+            let entry = ws
+                .crcs
                 .entry(seg.id)
                 .or_insert_with(|| (crc32fast::Hasher::new(), 0));
             for f in &frames {
@@ -732,88 +782,78 @@ impl Writer {
             seg.write_at(&buf, start)?;
             seg.written
                 .store(start + buf.len() as u64, Ordering::SeqCst);
-            unsynced.insert(seg.id, seg);
+            ws.unsynced.insert(seg.id, seg);
         }
-        self.moved.notify_all();
+        Ok(())
+    }
 
-        let need_sync = batch_waiters > 0
-            || (stale_waiters && !unsynced.is_empty())
-            || !ack_frames.is_empty() && !is_async
-            || (is_async && last_sync.elapsed() >= self.cfg.async_sync_interval)
-            || shutdown;
-        if need_sync {
-            for (_, seg) in unsynced.drain() {
-                let w = seg.written.load(Ordering::SeqCst);
-                if w > seg.durable.load(Ordering::SeqCst)
-                    && !to_seal.iter().any(|(s, _)| s.id == seg.id)
-                {
-                    seg.sync()?;
-                    seg.durable.store(w, Ordering::SeqCst);
-                }
-            }
-            *last_sync = Instant::now();
-        }
-
-        // Seal closed segments: seal frame, cut the preallocation, fsync, map, and record
-        // the final length in the keystore.
+    /// Seals closed segments: seal frame, cut the preallocation, fsync, map, and record
+    /// the final length in the keystore.
+    fn seal_segments(&self, to_seal: Vec<(Arc<Segment>, u64)>, ws: &mut WriterLocal) -> Result<()> {
         let mut sealed_lens = Vec::new();
         for (seg, tail) in to_seal {
-            let (crc, count) = crcs
+            let (crc, count) = ws
+                .crcs
                 .remove(&seg.id)
                 .map_or((crc32fast::hash(&[]), 0), |(h, n)| (h.finalize(), n));
             let salt = crate::crypto::random_u64()?;
             let f = codec::seal_segment(&seg.key, seg.id, tail, count, crc, salt);
             seg.write_at(&f, tail)?;
-            seg.truncate(tail + f.len() as u64)?;
-            seg.sync()?;
             let end = tail + f.len() as u64;
+            seg.truncate(end)?;
+            seg.sync()?;
             self.disk_used.fetch_add(f.len() as u64, Ordering::SeqCst);
             seg.written.store(end, Ordering::SeqCst);
             seg.durable.store(end, Ordering::SeqCst);
             seg.map_for_reading()?;
             seg.closed.store(true, Ordering::SeqCst);
-            unsynced.remove(&seg.id);
+            ws.unsynced.remove(&seg.id);
             sealed_lens.push((seg.id, end));
         }
         if !sealed_lens.is_empty() {
             self.keyring.mark_sealed(&sealed_lens)?;
-            if let Some(cb) = self.on_dead.get() {
-                (cb.0)();
-            }
+            self.poke_reaper();
         }
+        Ok(())
+    }
 
-        // Ack effects: link ack segments to the segments they ack into, then count the
-        // messages dead.
-        if !ack_entries.is_empty() {
-            let mut per_target: HashMap<u64, u64> = HashMap::new();
-            for (_, seg) in &ack_entries {
-                *per_target.entry(*seg).or_default() += 1;
-            }
-            let sources: Vec<Arc<Segment>> = ack_frames.iter().map(|f| Arc::clone(&f.0)).collect();
-            let mut any_dead = false;
-            for (target, n) in per_target {
-                let Some(t) = self.segments.get(target) else {
-                    continue;
-                };
-                for src in &sources {
-                    if src.id != t.id {
-                        src.links.lock().ack_targets.insert(t.id);
-                        t.links.lock().ack_sources.insert(src.id);
-                    }
-                }
-                t.dec_live(n);
-                any_dead |= t.live.load(Ordering::SeqCst) == 0;
-            }
-            if any_dead {
-                if let Some(cb) = self.on_dead.get() {
-                    (cb.0)();
+    /// Ack effects, once the ack frames are written: link each ack segment to the
+    /// segments it acks into (so it outlives them), then count the messages dead.
+    fn apply_acks(&self, entries: &[(u64, u64)], frames: &[AckFrame]) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut per_target: HashMap<u64, u64> = HashMap::new();
+        for (_, seg) in entries {
+            *per_target.entry(*seg).or_default() += 1;
+        }
+        let mut any_dead = false;
+        for (target, n) in per_target {
+            let Some(t) = self.segments.get(target) else {
+                continue;
+            };
+            for (src, _, _) in frames {
+                if src.id != t.id {
+                    src.links.lock().ack_targets.insert(t.id);
+                    t.links.lock().ack_sources.insert(src.id);
                 }
             }
+            t.dec_live(n);
+            any_dead |= t.live.load(Ordering::SeqCst) == 0;
         }
-        if !is_async || need_sync {
-            self.acks_done.fetch_max(ack_gen + 1, Ordering::SeqCst);
+        if any_dead {
+            self.poke_reaper();
         }
-        let st = self.state.lock();
+    }
+
+    fn poke_reaper(&self) {
+        if let Some(cb) = self.on_dead.get() {
+            (cb.0)();
+        }
+    }
+
+    /// Learns the batch size for the next linger and wakes everyone waiting.
+    fn finish_round(&self, batch_waiters: usize) {
         if batch_waiters > 0 {
             let peak = self.peak_batch.load(Ordering::SeqCst);
             let next = if batch_waiters >= peak {
@@ -823,13 +863,25 @@ impl Writer {
             };
             self.peak_batch.store(next, Ordering::SeqCst);
         }
-        drop(st);
-        {
-            self.wake_parked();
-        }
+        self.wake_parked();
+        drop(self.state.lock());
         self.moved.notify_all();
-        Ok(!shutdown)
     }
+}
+
+/// Frames taken from one segment: (segment, offset of the first, frames in order).
+type Run = (Arc<Segment>, u64, Vec<Vec<u8>>);
+/// An ack frame to seal: (ack segment, offset, acked ids).
+type AckFrame = (Arc<Segment>, u64, Vec<u64>);
+
+/// State only the writer thread touches.
+#[derive(Debug)]
+struct WriterLocal {
+    /// Running checksum and frame count of each segment being written (for its seal).
+    crcs: HashMap<u64, (crc32fast::Hasher, u64)>,
+    /// Segments written since their last fsync.
+    unsynced: HashMap<u64, Arc<Segment>>,
+    last_sync: Instant,
 }
 
 impl Active {
