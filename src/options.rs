@@ -40,9 +40,6 @@ pub enum RecoveryMode {
     /// `Error::Corruption`.
     #[default]
     TolerateTornTail,
-    /// Like `TolerateTornTail`, but a segment with damage elsewhere is moved to
-    /// `quarantine/` and reported instead of failing the open. Its messages are lost.
-    QuarantineDamaged,
     /// Any damage, a torn tail included, fails the open.
     Strict,
 }
