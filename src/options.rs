@@ -101,7 +101,7 @@ pub struct Options {
     /// Messages per queue, at most (default 100,000).
     pub max_queue_len: u64,
     /// Stored bytes per queue, at most (default 1 GiB). Counts whole frames: the payload
-    /// plus 69 bytes and the queue id's length per message.
+    /// plus 77 bytes and the queue id's length per message.
     pub max_queue_bytes: u64,
     /// Bytes the data dir may use (default 64 GiB).
     pub max_disk_bytes: u64,

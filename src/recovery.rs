@@ -491,6 +491,7 @@ fn walk_frames(
                 id: mid,
                 expires_at_ms,
                 queue,
+                ..
             } => {
                 out.max_id = out.max_id.max(mid);
                 out.messages.push(FoundMessage {

@@ -323,6 +323,7 @@ impl Store {
             };
             let meta = MessageMeta {
                 id: *id,
+                created_at_ms: now,
                 expires_at_ms: *expires,
                 payload_len: m.payload.len() as u32,
                 queue: m.queue,

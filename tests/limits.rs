@@ -19,8 +19,10 @@ use cinder::{
 const T0: u64 = 1_700_000_000_000;
 const TTL: Duration = Duration::from_secs(3600);
 const MAX_MESSAGE: usize = 4096;
-/// Frame bytes around a payload: 16 header + 21 meta + queue id + 16 tag + 16 tag.
-const FRAME_OVERHEAD: usize = 16 + 21 + 16 + 16;
+/// Frame bytes around a payload: header + fixed meta + two tags (plus the queue id).
+const FRAME_OVERHEAD: usize = cinder::format::frame::FRAME_HEADER_LEN
+    + cinder::format::frame::MESSAGE_META_FIXED
+    + 2 * cinder::format::frame::TAG_LEN;
 
 type Expected = BTreeMap<Vec<u8>, Vec<(MessageId, Vec<u8>)>>;
 
@@ -483,10 +485,10 @@ fn keystore_of_another_version_is_unsupported_version() {
     let expected = seed(&store);
     drop(store);
     let keys = env.dir.canonicalize().unwrap().join("KEYS");
-    let original = set_version(&keys, 8, 44, 2);
+    let original = set_version(&keys, 8, 44, 3);
     let err = Store::open(&env.dir, env.opts()).unwrap_err();
     assert!(
-        matches!(&err, Error::UnsupportedVersion { file, expected: 1, got: 2 } if *file == keys),
+        matches!(&err, Error::UnsupportedVersion { file, expected: 2, got: 3 } if *file == keys),
         "{err:?}"
     );
     fs::write(&keys, &original).unwrap();
@@ -507,10 +509,10 @@ fn segment_of_another_version_is_unsupported_version() {
         .collect();
     segs.sort();
     let seg = segs.first().expect("a segment file").clone();
-    let original = set_version(&seg, 8, 60, 2);
+    let original = set_version(&seg, 8, 60, 3);
     let err = Store::open(&env.dir, env.opts()).unwrap_err();
     assert!(
-        matches!(&err, Error::UnsupportedVersion { file, expected: 1, got: 2 } if *file == seg),
+        matches!(&err, Error::UnsupportedVersion { file, expected: 2, got: 3 } if *file == seg),
         "{err:?}"
     );
     fs::write(&seg, &original).unwrap();

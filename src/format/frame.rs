@@ -16,8 +16,9 @@ const META_LEN_AT: usize = 6;
 const BODY_LEN_AT: usize = 8;
 const RESERVED_AT: usize = 12;
 
-/// Fixed part of a message's meta plaintext: id, expiry, payload length, queue length.
-pub const MESSAGE_META_FIXED: usize = 21;
+/// Fixed part of a message's meta plaintext: id, creation time, expiry, payload length,
+/// queue length.
+pub const MESSAGE_META_FIXED: usize = 29;
 /// Longest queue id.
 pub const MAX_QUEUE_ID: usize = 255;
 /// Longest sealed meta part the decoder accepts.
@@ -191,6 +192,8 @@ pub fn aad(segment_id: u64, offset: u64, h: &FrameHeader, part: Part) -> [u8; AA
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageMeta<'a> {
     pub id: u64,
+    /// When the message was appended (ms since the Unix epoch).
+    pub created_at_ms: u64,
     pub expires_at_ms: u64,
     pub payload_len: u32,
     pub queue: &'a [u8],
@@ -203,18 +206,19 @@ impl MessageMeta<'_> {
 
     pub fn encode_into(&self, out: &mut [u8]) {
         out[..8].copy_from_slice(&self.id.to_le_bytes());
-        out[8..16].copy_from_slice(&self.expires_at_ms.to_le_bytes());
-        out[16..20].copy_from_slice(&self.payload_len.to_le_bytes());
-        out[20] = self.queue.len() as u8;
-        out[21..21 + self.queue.len()].copy_from_slice(self.queue);
+        out[8..16].copy_from_slice(&self.created_at_ms.to_le_bytes());
+        out[16..24].copy_from_slice(&self.expires_at_ms.to_le_bytes());
+        out[24..28].copy_from_slice(&self.payload_len.to_le_bytes());
+        out[28] = self.queue.len() as u8;
+        out[MESSAGE_META_FIXED..MESSAGE_META_FIXED + self.queue.len()].copy_from_slice(self.queue);
     }
 
     pub fn decode(buf: &[u8]) -> Result<MessageMeta<'_>, FormatError> {
         need(buf, 0, MESSAGE_META_FIXED)?;
-        let qlen = buf[20] as usize;
+        let qlen = buf[28] as usize;
         if qlen == 0 || buf.len() != MESSAGE_META_FIXED + qlen {
             return Err(FormatError::at(
-                20,
+                28,
                 CorruptionKind::BadField {
                     field: "queue id length",
                     value: qlen as u64,
@@ -223,9 +227,10 @@ impl MessageMeta<'_> {
         }
         Ok(MessageMeta {
             id: get_u64(buf, 0),
-            expires_at_ms: get_u64(buf, 8),
-            payload_len: get_u32(buf, 16),
-            queue: &buf[21..],
+            created_at_ms: get_u64(buf, 8),
+            expires_at_ms: get_u64(buf, 16),
+            payload_len: get_u32(buf, 24),
+            queue: &buf[MESSAGE_META_FIXED..],
         })
     }
 }
@@ -332,6 +337,7 @@ mod tests {
     fn meta_round_trip() {
         let m = MessageMeta {
             id: 42,
+            created_at_ms: 1_600_000_000_000,
             expires_at_ms: 1_700_000_000_000,
             payload_len: 9,
             queue: b"alice",

@@ -9,7 +9,7 @@ pub mod segment_header;
 use crate::error::CorruptionKind;
 
 /// The on-disk format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// A decode failure, relative to the start of the decoded buffer.
 /// Callers add the file name and absolute offset to make an [`crate::Error::Corruption`].

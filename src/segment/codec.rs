@@ -118,6 +118,7 @@ pub fn seal_segment(
 pub enum Opened {
     Message {
         id: u64,
+        created_at_ms: u64,
         expires_at_ms: u64,
         queue: Vec<u8>,
     },
@@ -197,6 +198,7 @@ pub fn open_frame(
             }
             Ok(Opened::Message {
                 id: meta.id,
+                created_at_ms: meta.created_at_ms,
                 expires_at_ms: meta.expires_at_ms,
                 queue: meta.queue.to_vec(),
             })
@@ -269,6 +271,7 @@ mod tests {
         let key = SealKey::new(&Dek::generate().unwrap());
         let meta = MessageMeta {
             id: 9,
+            created_at_ms: 500,
             expires_at_ms: 1000,
             payload_len: 5,
             queue: b"q1",
