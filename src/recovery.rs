@@ -55,6 +55,7 @@ pub struct FoundMessage {
     pub seg: u64,
     pub off: u64,
     pub len: u32,
+    pub created_at_ms: u64,
     pub expires_at_ms: u64,
 }
 
@@ -257,7 +258,7 @@ fn rebuild(
                 }
             } else if m.expires_at_ms > now_ms {
                 s.seg.live.fetch_add(1, SeqCst);
-                s.seg.first_ms.fetch_min(now_ms, SeqCst);
+                s.seg.first_ms.fetch_min(m.created_at_ms.min(now_ms), SeqCst);
                 report.live += 1;
                 messages.push(m);
             }
@@ -489,9 +490,9 @@ fn walk_frames(
             }
             Opened::Message {
                 id: mid,
+                created_at_ms,
                 expires_at_ms,
                 queue,
-                ..
             } => {
                 out.max_id = out.max_id.max(mid);
                 out.messages.push(FoundMessage {
@@ -500,6 +501,7 @@ fn walk_frames(
                     seg: id,
                     off: pos as u64,
                     len: flen as u32,
+                    created_at_ms,
                     expires_at_ms,
                 });
             }
