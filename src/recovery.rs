@@ -9,13 +9,13 @@ use std::sync::Arc;
 
 use crate::crypto::{Dek, SealKey};
 use crate::error::{CorruptionKind, Error, Result};
-use crate::format::frame::{FrameHeader, FrameKind};
-use crate::format::segment_header::{SegmentHeader, HEADER_LEN};
+use crate::format::segment_header::SegmentHeader;
 use crate::fsutil;
 use crate::keys::keystore::{KeyStore, FILE_NAME as KEYSTORE_FILE};
 use crate::keys::KeyProvider;
 use crate::options::RecoveryMode;
-use crate::segment::codec::{self, Opened, SEAL_FRAME_LEN};
+use crate::segment::codec;
+use crate::segment::scan::{self, Content};
 use crate::segment::{self, Segment};
 
 /// Ids are skipped by this much at every open, so an id handed out in Async mode but
@@ -258,7 +258,9 @@ fn rebuild(
                 }
             } else if m.expires_at_ms > now_ms {
                 s.seg.live.fetch_add(1, SeqCst);
-                s.seg.first_ms.fetch_min(m.created_at_ms.min(now_ms), SeqCst);
+                s.seg
+                    .first_ms
+                    .fetch_min(m.created_at_ms.min(now_ms), SeqCst);
                 report.live += 1;
                 messages.push(m);
             }
@@ -331,7 +333,7 @@ fn scan_segment(
     let len = bytes.len() as u64;
     let key = SealKey::new(dek);
     check_header(&bytes, id, path)?;
-    let sealed = has_valid_seal(&key, id, &bytes);
+    let sealed = scan::ends_with_valid_seal(&key, id, &bytes);
     if sealed_len != 0 && (len != sealed_len || !sealed) {
         // The keystore says this segment was sealed at `sealed_len` bytes.
         let kind = if len < sealed_len {
@@ -344,6 +346,10 @@ fn scan_segment(
         };
         return Err(Error::corruption(path, len.min(sealed_len), kind));
     }
+    let walk = scan::scan(&bytes, id, Some(&key), false);
+    if let Some((off, kind)) = walk.auth_failures.first().or(walk.seal_problem.as_ref()) {
+        return Err(Error::corruption(path, *off, kind.clone()));
+    }
     let mut out = Scanned {
         seg: Segment::open_recovered(id, path.to_path_buf(), dek, file),
         messages: Vec::new(),
@@ -353,23 +359,22 @@ fn scan_segment(
         was_sealed: sealed,
         bytes: len,
     };
-    let walk = walk_frames(&key, id, &bytes, path, &mut out)?;
+    collect(&walk, id, &mut out);
     let mut end = walk.end;
-    if let Some((bad, kind)) = walk.damage {
+    if let Some((bad, kind)) = walk.stopped.clone() {
         // Zeros after the last frame of an unsealed segment are its preallocation: a clean
         // end, not damage. Anything else there is a torn tail.
-        let dropped = bytes[bad..].iter().filter(|&&b| b != 0).count() as u64;
-        if sealed || (mode == RecoveryMode::Strict && dropped > 0) {
+        if sealed || (mode == RecoveryMode::Strict && walk.dropped > 0) {
             return Err(Error::corruption(path, bad as u64, kind));
         }
-        if dropped > 0 {
-            out.truncated = Some((bad as u64, dropped));
+        if walk.dropped > 0 {
+            out.truncated = Some((bad as u64, walk.dropped));
         }
     }
     if !walk.sealed {
         // Seal it now (the seal's nonce is random, never an offset: no nonce repeats).
         let salt = crate::crypto::random_u64()?;
-        let f = codec::seal_segment(&key, id, end as u64, walk.records, walk.crc, salt);
+        let f = codec::seal_segment(&key, id, end as u64, walk.records, walk.data_crc, salt);
         out.seg.write_at(&f, end as u64)?;
         end += f.len();
     }
@@ -412,150 +417,33 @@ fn check_header(bytes: &[u8], id: u64, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Where a walk over a segment's frames stopped.
-struct Walk {
-    /// End of the valid data (after the seal, if there is one).
-    end: usize,
-    /// First bad frame, if the walk stopped at damage.
-    damage: Option<(usize, CorruptionKind)>,
-    sealed: bool,
-    records: u64,
-    crc: u32,
-}
-
-/// Reads every frame: checksum, then the meta tag (and ack bodies). A bad checksum or
-/// length ends the walk (a torn tail, or damage); a bad tag is always an error.
-fn walk_frames(
-    key: &SealKey,
-    id: u64,
-    bytes: &[u8],
-    path: &Path,
-    out: &mut Scanned,
-) -> Result<Walk> {
-    let mut pos = HEADER_LEN;
-    let mut records = 0u64;
-    let mut crc = crc32fast::Hasher::new();
-    let mut scratch = Vec::new();
-    while pos < bytes.len() {
-        let (fh, flen) = match frame_at(bytes, pos) {
-            Ok(f) => f,
-            Err(kind) => {
-                return Ok(Walk {
-                    end: pos,
-                    damage: Some((pos, kind)),
-                    sealed: false,
-                    records,
-                    crc: crc.finalize(),
-                })
-            }
-        };
-        let fbytes = &bytes[pos..pos + flen];
-        scratch.clear();
-        scratch.extend_from_slice(fbytes);
-        let opened = codec::open_frame(key, id, pos as u64, fh, &mut scratch)
-            .map_err(|e| e.into_error(path, pos as u64))?;
-        match opened {
-            Opened::Seal(s) => {
-                if s.record_count != records
-                    || s.data_end != pos as u64
-                    || s.data_crc != crc.clone().finalize()
-                {
-                    return Err(Error::corruption(
-                        path,
-                        pos as u64,
-                        CorruptionKind::MissingSeal,
-                    ));
-                }
-                let rest = &bytes[pos + flen..];
-                // Bytes after a seal: only the zeros of a preallocation whose truncation
-                // a crash interrupted.
-                if rest.iter().any(|&b| b != 0) {
-                    let kind = CorruptionKind::BadField {
-                        field: "bytes after the seal",
-                        value: rest.len() as u64,
-                    };
-                    return Err(Error::corruption(path, (pos + flen) as u64, kind));
-                }
-                return Ok(Walk {
-                    end: pos + flen,
-                    damage: None,
-                    sealed: true,
-                    records,
-                    crc: crc.finalize(),
-                });
-            }
-            Opened::Acks(ids) => {
+/// Takes the messages and acks out of a scan.
+fn collect(walk: &scan::SegmentScan, seg: u64, out: &mut Scanned) {
+    for f in &walk.frames {
+        match &f.content {
+            Content::Acks(ids) => {
                 out.max_id = out.max_id.max(ids.iter().copied().max().unwrap_or(0));
                 out.acks.extend(ids);
             }
-            Opened::Message {
-                id: mid,
+            Content::Message {
+                id,
                 created_at_ms,
                 expires_at_ms,
                 queue,
+                ..
             } => {
-                out.max_id = out.max_id.max(mid);
+                out.max_id = out.max_id.max(*id);
                 out.messages.push(FoundMessage {
-                    queue,
-                    id: mid,
-                    seg: id,
-                    off: pos as u64,
-                    len: flen as u32,
-                    created_at_ms,
-                    expires_at_ms,
+                    queue: queue.clone(),
+                    id: *id,
+                    seg,
+                    off: f.offset,
+                    len: f.len,
+                    created_at_ms: *created_at_ms,
+                    expires_at_ms: *expires_at_ms,
                 });
             }
+            Content::Seal(_) | Content::Sealed(_) => {}
         }
-        crc.update(fbytes);
-        records += 1;
-        pos += flen;
     }
-    Ok(Walk {
-        end: pos,
-        damage: None,
-        sealed: false,
-        records,
-        crc: crc.finalize(),
-    })
-}
-
-/// Decodes and checks the frame at `pos`: header, bounds, checksum.
-fn frame_at(bytes: &[u8], pos: usize) -> Result<(FrameHeader, usize), CorruptionKind> {
-    let rest = &bytes[pos..];
-    let fh = FrameHeader::decode(rest).map_err(kind_of)?;
-    let flen = fh.frame_len();
-    if flen > rest.len() {
-        return Err(CorruptionKind::Truncated {
-            needed: flen as u64,
-            available: rest.len() as u64,
-        });
-    }
-    crate::format::frame::verify_crc(&rest[..flen]).map_err(kind_of)?;
-    Ok((fh, flen))
-}
-
-fn kind_of(e: crate::format::FormatError) -> CorruptionKind {
-    match e {
-        crate::format::FormatError::Corrupt { kind, .. } => kind,
-        crate::format::FormatError::Version { got, .. } => CorruptionKind::BadField {
-            field: "version",
-            value: u64::from(got),
-        },
-    }
-}
-
-/// Whether the file ends with a seal frame that authenticates under this key.
-fn has_valid_seal(key: &SealKey, id: u64, bytes: &[u8]) -> bool {
-    if bytes.len() < HEADER_LEN + SEAL_FRAME_LEN {
-        return false;
-    }
-    let pos = bytes.len() - SEAL_FRAME_LEN;
-    let Ok((fh, flen)) = frame_at(bytes, pos) else {
-        return false;
-    };
-    if fh.kind != FrameKind::Seal || flen != SEAL_FRAME_LEN {
-        return false;
-    }
-    let mut f = bytes[pos..].to_vec();
-    matches!(codec::open_frame(key, id, pos as u64, fh, &mut f), Ok(Opened::Seal(s)) if s.data_end == pos as u64)
 }

@@ -3,6 +3,7 @@
 
 pub mod codec;
 mod mmap;
+pub mod scan;
 mod table;
 
 pub use table::SegmentTable;
