@@ -21,6 +21,7 @@
 //!
 //! See `engine-format.md` for the on-disk format and the guarantees it supports.
 
+mod audit;
 pub mod crypto;
 mod error;
 pub mod format;
@@ -34,6 +35,9 @@ mod segment;
 mod store;
 mod writer;
 
+pub use audit::{
+    inspect, verify, Finding, InspectReport, KeystoreInfo, QueueSummary, SegmentInfo, VerifyReport,
+};
 pub use error::{CorruptionKind, Error, Result};
 pub use keys::{FileKeyProvider, KeyProvider};
 pub use options::{Clock, Durability, ManualClock, Options, RecoveryMode, SystemClock};

@@ -1,0 +1,276 @@
+//! `verify`: every checksum, every tag, and the keystore against the segment files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::list;
+use crate::crypto::SealKey;
+use crate::error::{CorruptionKind, Error, Result};
+use crate::format::segment_header::SegmentHeader;
+use crate::keys::keystore::KeyStore;
+use crate::keys::KeyProvider;
+use crate::segment::scan::{self, Content};
+
+/// One finding: a file, a byte offset in it (when there is one), and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub file: PathBuf,
+    pub offset: Option<u64>,
+    pub what: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.offset {
+            Some(o) => write!(f, "{}: offset {o}: {}", self.file.display(), self.what),
+            None => write!(f, "{}: {}", self.file.display(), self.what),
+        }
+    }
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Damage, tampering, or disagreement between keystore and segments.
+    pub problems: Vec<Finding>,
+    /// Things that are fine but worth knowing (tails in flight, interrupted writes that
+    /// recovery will finish).
+    pub notes: Vec<Finding>,
+    pub segments: u64,
+    pub frames: u64,
+    pub messages: u64,
+    pub ack_records: u64,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+struct Ctx {
+    report: VerifyReport,
+    /// message id → (file, offset) of its first frame, to catch duplicates.
+    ids: HashMap<u64, (PathBuf, u64)>,
+}
+
+impl Ctx {
+    fn problem(&mut self, file: &Path, offset: Option<u64>, what: impl Into<String>) {
+        self.report.problems.push(Finding {
+            file: file.to_path_buf(),
+            offset,
+            what: what.into(),
+        });
+    }
+
+    fn note(&mut self, file: &Path, offset: Option<u64>, what: impl Into<String>) {
+        self.report.notes.push(Finding {
+            file: file.to_path_buf(),
+            offset,
+            what: what.into(),
+        });
+    }
+}
+
+/// Checks every frame checksum and AEAD tag in `dir`, the keystore, and that keystore and
+/// segments agree (orphan keys, segments without keys, sealed lengths, unknown files,
+/// format versions, frames tiling each segment without overlap so no nonce repeats,
+/// seals agreeing with the frames). `Err` only when the dir or the key cannot be used
+/// at all (for example `WrongMasterKey`); everything else is a finding.
+pub fn verify(dir: &Path, provider: &dyn KeyProvider) -> Result<VerifyReport> {
+    let listing = list(dir)?;
+    let mut cx = Ctx {
+        report: VerifyReport::default(),
+        ids: HashMap::new(),
+    };
+    for p in &listing.unknown {
+        cx.problem(p, None, "unknown file in the data dir");
+    }
+    for p in &listing.temp {
+        cx.note(
+            p,
+            None,
+            "temporary file of an interrupted or in-flight write (recovery deletes it)",
+        );
+    }
+    let keys_path = KeyStore::path_in(dir);
+    let ks = match KeyStore::load(dir, provider) {
+        Ok(Some(ks)) => Some(ks),
+        Ok(None) => {
+            if !listing.segments.is_empty() {
+                cx.problem(
+                    &keys_path,
+                    Some(0),
+                    "keystore missing while segment files exist",
+                );
+            }
+            None
+        }
+        Err(e @ (Error::WrongMasterKey { .. } | Error::KeyProvider(_) | Error::Io { .. })) => {
+            return Err(e)
+        }
+        Err(Error::Corruption { file, offset, kind }) => {
+            cx.problem(&file, Some(offset), kind.to_string());
+            None
+        }
+        Err(Error::UnsupportedVersion {
+            file,
+            expected,
+            got,
+        }) => {
+            cx.problem(
+                &file,
+                Some(8),
+                format!("format version {got}, this build reads {expected}"),
+            );
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(ks) = &ks {
+        for id in ks.segment_ids() {
+            if !listing.segments.contains_key(&id) {
+                cx.problem(
+                    &keys_path,
+                    None,
+                    format!("orphan key: segment {id} has a key but no file"),
+                );
+            }
+        }
+    }
+    for (&id, path) in &listing.segments {
+        cx.report.segments += 1;
+        verify_segment(&mut cx, id, path, ks.as_ref(), provider)?;
+    }
+    Ok(cx.report)
+}
+
+fn verify_segment(
+    cx: &mut Ctx,
+    id: u64,
+    path: &Path,
+    ks: Option<&KeyStore>,
+    provider: &dyn KeyProvider,
+) -> Result<()> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            cx.note(
+                path,
+                None,
+                "file vanished while verifying (shredded by the running store)",
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(Error::io("read segment", path, e)),
+    };
+    match SegmentHeader::decode(&bytes) {
+        Err(e) => {
+            let (offset, what) = match e.into_error(path, 0) {
+                Error::Corruption { offset, kind, .. } => (offset, kind.to_string()),
+                other => (8, other.to_string()),
+            };
+            cx.problem(path, Some(offset), what);
+            return Ok(());
+        }
+        Ok(h) if h.segment_id != id => {
+            let kind = CorruptionKind::SegmentIdMismatch {
+                expected: id,
+                got: h.segment_id,
+            };
+            cx.problem(path, Some(16), kind.to_string());
+            return Ok(());
+        }
+        Ok(_) => {}
+    }
+    let Some(ks) = ks else { return Ok(()) };
+    if !ks.contains(id) {
+        if id < ks.next_segment_id {
+            cx.problem(
+                path,
+                None,
+                "segment without a key (its key was shredded; recovery deletes the file)",
+            );
+        } else {
+            cx.problem(
+                path,
+                None,
+                "segment without a key, newer than the keystore (stale keystore?)",
+            );
+        }
+        return Ok(());
+    }
+    let dek = match ks.unwrap_key(id, provider) {
+        Ok(Some(k)) => k,
+        Ok(None) => return Ok(()),
+        Err(Error::Corruption { file, offset, kind }) => {
+            cx.problem(&file, Some(offset), format!("key of segment {id}: {kind}"));
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let key = SealKey::new(&dek);
+    let sealed_len = ks.sealed_len(id);
+    let walk = scan::scan(&bytes, id, Some(&key), true);
+    cx.report.frames += walk.frames.len() as u64;
+    for (off, kind) in &walk.auth_failures {
+        cx.problem(path, Some(*off), kind.to_string());
+    }
+    if let Some((off, kind)) = &walk.seal_problem {
+        cx.problem(path, Some(*off), kind.to_string());
+    }
+    check_tail(cx, path, &walk, sealed_len, bytes.len() as u64);
+    for f in &walk.frames {
+        match &f.content {
+            Content::Message { id: mid, .. } => {
+                cx.report.messages += 1;
+                if let Some((file, off)) = cx.ids.insert(*mid, (path.to_path_buf(), f.offset)) {
+                    let what = format!(
+                        "message id {mid} also stored at {} offset {off}",
+                        file.display()
+                    );
+                    cx.problem(path, Some(f.offset), what);
+                }
+            }
+            Content::Acks(_) => cx.report.ack_records += 1,
+            Content::Seal(_) | Content::Sealed(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The end of a segment: a sealed one must end exactly with its seal at the length the
+/// keystore recorded; an unsealed one may have a tail in flight.
+fn check_tail(cx: &mut Ctx, path: &Path, walk: &scan::SegmentScan, sealed_len: u64, len: u64) {
+    if sealed_len != 0 && (sealed_len != len || !walk.sealed) {
+        let what = format!("keystore records this segment as sealed at {sealed_len} bytes; the file has {len} bytes and {} seal", if walk.sealed { "a" } else { "no" });
+        cx.problem(path, Some(len.min(sealed_len)), what);
+    }
+    if let Some((off, kind)) = &walk.stopped {
+        if walk.sealed || sealed_len != 0 {
+            cx.problem(path, Some(*off as u64), kind.to_string());
+        } else if walk.dropped > 0 {
+            let what = format!("tail in flight or torn ({} non-zero bytes after the last complete frame; recovery cuts them)", walk.dropped);
+            cx.note(path, Some(*off as u64), what);
+        } else {
+            cx.note(
+                path,
+                Some(*off as u64),
+                "segment being written (preallocated space after the last frame)",
+            );
+        }
+    } else if !walk.sealed {
+        cx.note(
+            path,
+            Some(walk.end as u64),
+            "segment being written (no seal yet)",
+        );
+    }
+    if walk.zeros_after_seal {
+        cx.note(
+            path,
+            Some(walk.end as u64),
+            "zeros after the seal (a truncation interrupted by a crash; recovery cuts them)",
+        );
+    }
+}
