@@ -174,6 +174,7 @@ pub fn recover(
     provider: &dyn KeyProvider,
     mode: RecoveryMode,
     now_ms: u64,
+    max_shred_delay_ms: u64,
 ) -> Result<Recovered> {
     let listing = list_dir(dir)?;
     let mut report = RecoveryReport {
@@ -192,7 +193,8 @@ pub fn recover(
         work.push((id, listing.segments[&id].clone(), dek, ks.sealed_len(id)));
     }
     let scanned = scan_all(work, mode)?;
-    let (segments, messages, max_id) = rebuild(scanned, &mut ks, &mut report, now_ms);
+    let (segments, messages, max_id) =
+        rebuild(scanned, &mut ks, &mut report, (now_ms, max_shred_delay_ms));
     let next_id = max_id
         .max(ks.id_floor)
         .saturating_add(1)
@@ -224,7 +226,7 @@ fn rebuild(
     scanned: Vec<Scanned>,
     ks: &mut KeyStore,
     report: &mut RecoveryReport,
-    now_ms: u64,
+    (now_ms, max_shred_delay_ms): (u64, u64),
 ) -> (Vec<Arc<Segment>>, Vec<FoundMessage>, u64) {
     use std::sync::atomic::Ordering::SeqCst;
     // Acks first, so acked messages never enter the index.
@@ -235,6 +237,16 @@ fn rebuild(
             acked.entry(id).or_insert(s.seg.id);
         }
     }
+    // A message copied by a compaction that a crash interrupted is in two segments: the
+    // copy (in the newer segment) wins.
+    let mut newest: HashMap<u64, u64> = HashMap::new();
+    for s in &scanned {
+        for m in &s.messages {
+            let e = newest.entry(m.id).or_insert(m.seg);
+            *e = (*e).max(m.seg);
+        }
+    }
+    let death_floor_ms = now_ms.saturating_sub(max_shred_delay_ms);
     let mut segments = Vec::with_capacity(scanned.len());
     let mut messages = Vec::new();
     let mut links: Vec<(u64, u64)> = Vec::new();
@@ -252,10 +264,17 @@ fn rebuild(
             report.records += 1;
             s.seg.records.fetch_add(1, SeqCst);
             s.seg.max_expiry_ms.fetch_max(m.expires_at_ms, SeqCst);
+            s.seg.min_expiry_ms.fetch_min(m.expires_at_ms, SeqCst);
             if let Some(&src) = acked.get(&m.id) {
                 if src != m.seg {
                     links.push((src, m.seg));
                 }
+                // Acked before the last stop, at an unknown time: due for shredding now.
+                s.seg.mark_acked(death_floor_ms);
+            } else if newest.get(&m.id) != Some(&m.seg) {
+                // An older copy of a message a compaction copied before a crash: the
+                // newer copy is the live one.
+                s.seg.mark_acked(death_floor_ms);
             } else if m.expires_at_ms > now_ms {
                 s.seg.live.fetch_add(1, SeqCst);
                 s.seg

@@ -66,7 +66,7 @@ pub struct NewMessage<'a> {
 }
 
 /// Counters from [`Store::stats`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stats {
     /// Segment files (each with its own key).
     pub segments: u64,
@@ -87,6 +87,18 @@ pub struct Stats {
     pub oldest_live_age: Option<Duration>,
     /// The last error of background maintenance, if any.
     pub last_gc_error: Option<String>,
+    /// Shred latency (first dead record of a segment → its key destroyed) over the last
+    /// 4096 shreds: p50, p99, max.
+    pub shred_latency_p50: Option<Duration>,
+    pub shred_latency_p99: Option<Duration>,
+    pub shred_latency_max: Option<Duration>,
+    /// Frame bytes appended, and copied by compaction.
+    pub bytes_appended: u64,
+    pub bytes_copied: u64,
+    /// (appended + copied) / appended: bytes written per byte appended.
+    pub write_amplification: f64,
+    /// How long the oldest dead record that can still be decrypted has been dead.
+    pub oldest_dead_openable_age: Option<Duration>,
 }
 
 pub(crate) struct Inner {
@@ -101,6 +113,12 @@ pub(crate) struct Inner {
     next_id: Arc<AtomicU64>,
     pub shreds: AtomicU64,
     pub reaper: ReaperSignal,
+    pub compactor: ReaperSignal,
+    /// Frame bytes appended by callers, and copied by compaction.
+    bytes_appended: AtomicU64,
+    pub bytes_copied: AtomicU64,
+    /// Recent shred latencies (death of the first record → key destroyed), ms.
+    shred_latencies: Mutex<std::collections::VecDeque<u64>>,
     pub last_gc_error: Mutex<Option<String>>,
     closed: AtomicBool,
     report: RecoveryReport,
@@ -123,6 +141,15 @@ impl Inner {
         self.clock.now_ms().max(self.time_floor_ms)
     }
 
+    /// Keeps the last `SHRED_LATENCY_WINDOW` shred latencies for `stats()`.
+    pub fn record_shred_latency(&self, ms: u64) {
+        let mut l = self.shred_latencies.lock();
+        if l.len() == SHRED_LATENCY_WINDOW {
+            l.pop_front();
+        }
+        l.push_back(ms);
+    }
+
     /// Counts removed-as-expired messages dead in their segments.
     pub fn drop_expired(&self, slots: &[Slot]) {
         if slots.is_empty() {
@@ -140,6 +167,9 @@ impl Inner {
     }
 }
 
+/// How many recent shred latencies `stats()` summarises.
+const SHRED_LATENCY_WINDOW: usize = 4096;
+
 /// An open data dir. `Send + Sync`: share it through an `Arc`.
 ///
 /// Dropping the store (or [`Store::close`]) writes and fsyncs everything, seals the active
@@ -147,7 +177,7 @@ impl Inner {
 #[derive(Debug)]
 pub struct Store {
     inner: Arc<Inner>,
-    reaper: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 fn validate_queue(queue: &[u8]) -> Result<()> {
@@ -175,7 +205,13 @@ impl Store {
         }
         let lock = DirLock::acquire(&dir)?;
         let clock = Arc::clone(&opts.clock);
-        let rec = recovery::recover(&dir, &*opts.key_provider, opts.recovery, clock.now_ms())?;
+        let rec = recovery::recover(
+            &dir,
+            &*opts.key_provider,
+            opts.recovery,
+            clock.now_ms(),
+            opts.max_shred_delay.as_millis() as u64,
+        )?;
         let time_floor_ms = rec.keystore.time_floor_ms;
         let next_id = Arc::new(AtomicU64::new(rec.next_id));
         let keyring = Arc::new(Keyring::new(
@@ -220,6 +256,10 @@ impl Store {
             next_id,
             shreds: AtomicU64::new(0),
             reaper: ReaperSignal::default(),
+            compactor: ReaperSignal::default(),
+            bytes_appended: AtomicU64::new(0),
+            bytes_copied: AtomicU64::new(0),
+            shred_latencies: Mutex::new(std::collections::VecDeque::new()),
             last_gc_error: Mutex::new(None),
             closed: AtomicBool::new(false),
             report: rec.report,
@@ -235,19 +275,25 @@ impl Store {
         }))?;
         let store = Store {
             inner: Arc::clone(&inner),
-            reaper: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
         };
         // Shred what recovery found dead before serving.
         gc::shred_dead(&inner, inner.now_ms())?;
         if inner.opts.background_reaper {
-            let i = Arc::clone(&inner);
-            let h = std::thread::Builder::new()
-                .name("cinder-reaper".into())
-                .spawn(move || gc::run_reaper(&i))
-                .map_err(|e| Error::io("spawn reaper thread", "", e))?;
-            *store.reaper.lock() = Some(h);
+            store.spawn("cinder-reaper", gc::run_reaper)?;
+            store.spawn("cinder-compactor", gc::run_compactor)?;
         }
         Ok(store)
+    }
+
+    fn spawn(&self, name: &str, f: fn(&Arc<Inner>)) -> Result<()> {
+        let i = Arc::clone(&self.inner);
+        let h = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || f(&i))
+            .map_err(|e| Error::io("spawn background thread", "", e))?;
+        self.threads.lock().push(h);
+        Ok(())
     }
 
     fn check_open(&self) -> Result<()> {
@@ -311,8 +357,17 @@ impl Store {
         let mut placed: Vec<(Arc<Segment>, u64)> = Vec::with_capacity(items.len());
         for (i, m) in items.iter().enumerate() {
             let (_, id, flen, expires) = &issued[i];
-            let bucket = Bucket::for_message(m.ttl.as_millis() as u64, *expires);
-            let r = match self.inner.writer.reserve(bucket, *flen, *expires, now) {
+            let bucket = Bucket::for_message(
+                0,
+                m.ttl.as_millis() as u64,
+                *expires,
+                o.max_shred_delay.as_millis() as u64,
+            );
+            let r = match self
+                .inner
+                .writer
+                .reserve(bucket, *flen, (*expires, now), true)
+            {
                 Ok(r) => r,
                 Err(e) => {
                     // Earlier messages of the batch are already written; keep them.
@@ -330,6 +385,7 @@ impl Store {
             };
             let frame = codec::seal_message(&r.seg.key, r.seg.id, r.offset, &meta, m.payload);
             self.inner.writer.submit(&r, frame);
+            self.inner.bytes_appended.fetch_add(r.len, Ordering::SeqCst);
             placed.push((r.seg, r.offset + r.len));
         }
         self.finish(&issued, &placed)?;
@@ -430,10 +486,20 @@ impl Store {
             .collect(after.map(|a| a.0), max, now, &mut expired);
         self.inner.drop_expired(&expired);
         let mut out = Vec::with_capacity(slots.len());
-        for (id, slot) in slots {
-            let Some(seg) = self.inner.segments.get(slot.seg) else {
-                // Only an expired message's segment can be gone (shredded by expiry).
-                continue;
+        for (id, mut slot) in slots {
+            let seg = if let Some(s) = self.inner.segments.get(slot.seg) {
+                s
+            } else {
+                // Its segment is gone: the message expired, or compaction moved it (and
+                // the old segment was shredded) since we looked. Look again.
+                match q.state.lock().slot(id) {
+                    Some(s) if s.seg != slot.seg => slot = s,
+                    _ => continue,
+                }
+                let Some(s) = self.inner.segments.get(slot.seg) else {
+                    continue;
+                };
+                s
             };
             if let Some(m) = self.load(&seg, queue, id, &slot)? {
                 out.push(m);
@@ -601,14 +667,40 @@ impl Store {
             ..Stats::default()
         };
         let mut oldest = u64::MAX;
+        let mut oldest_death = u64::MAX;
         for seg in i.segments.all() {
             s.segments += 1;
             s.bytes_on_disk += seg.data_len();
             let live = seg.live.load(Ordering::SeqCst);
-            s.dead_records += seg.records.load(Ordering::SeqCst).saturating_sub(live);
+            let dead = seg.records.load(Ordering::SeqCst).saturating_sub(live);
+            s.dead_records += dead;
             if live > 0 {
                 oldest = oldest.min(seg.first_ms.load(Ordering::SeqCst));
             }
+            if dead > 0 {
+                if let Some(d) = seg.first_death_ms(now) {
+                    oldest_death = oldest_death.min(d);
+                }
+            }
+        }
+        if oldest_death != u64::MAX {
+            s.oldest_dead_openable_age =
+                Some(Duration::from_millis(now.saturating_sub(oldest_death)));
+        }
+        s.bytes_appended = i.bytes_appended.load(Ordering::SeqCst);
+        s.bytes_copied = i.bytes_copied.load(Ordering::SeqCst);
+        s.write_amplification = if s.bytes_appended == 0 {
+            1.0
+        } else {
+            (s.bytes_appended + s.bytes_copied) as f64 / s.bytes_appended as f64
+        };
+        let mut lat: Vec<u64> = i.shred_latencies.lock().iter().copied().collect();
+        lat.sort_unstable();
+        if !lat.is_empty() {
+            let pick = |q: usize| Duration::from_millis(lat[((lat.len() - 1) * q) / 100]);
+            s.shred_latency_p50 = Some(pick(50));
+            s.shred_latency_p99 = Some(pick(99));
+            s.shred_latency_max = Some(pick(100));
         }
         if let Ok(m) = std::fs::metadata(i.dir.join(crate::keys::keystore::FILE_NAME)) {
             s.bytes_on_disk += m.len();
@@ -632,14 +724,16 @@ impl Store {
     }
 
     /// Runs one full maintenance pass now (retire segments, sweep expired messages,
-    /// shred dead segments). The reaper thread does this on its own; tests that move a
+    /// compact segments that are due, shred dead segments). The reaper thread does this on its own; tests that move a
     /// manual clock call it to avoid waiting. Returns the segments shredded.
     pub fn maintain(&self) -> Result<usize> {
         self.check_open()?;
         let mut shard = self.inner.maint_shard.lock();
         let n = gc::maintain(&self.inner, &mut shard, Index::shard_count())?;
-        // Segments retired above are sealed by the writer thread: give it a moment, then
-        // shred what that made dead.
+        // Segments retired above are sealed by the writer thread; then the compactor copies
+        // out of those that are due, and what that left dead is shredded.
+        self.flush()?;
+        gc::compact::compact_due(&self.inner)?;
         self.flush()?;
         Ok(n + gc::shred_dead(&self.inner, self.inner.now_ms())?)
     }
@@ -659,7 +753,8 @@ impl Store {
             return Ok(());
         }
         self.inner.reaper.stop();
-        if let Some(h) = self.reaper.lock().take() {
+        self.inner.compactor.stop();
+        for h in std::mem::take(&mut *self.threads.lock()) {
             let _ = h.join();
         }
         let r = self.inner.writer.shutdown();

@@ -13,12 +13,17 @@ const PER: usize = 600;
 const QUEUES: usize = 3;
 
 fn run(durability: Durability) {
+    run_with(durability, Duration::from_secs(60));
+}
+
+fn run_with(durability: Durability, max_shred_delay: Duration) {
     let tmp = tempfile::tempdir().unwrap();
     let key = Arc::new(FileKeyProvider::create(tmp.path().join("key")).unwrap());
     let mut o = Options::new(key);
     o.segment_size = 256 << 10;
     o.max_message_size = 16 << 10;
     o.durability = durability;
+    o.max_shred_delay = max_shred_delay;
     let store = Arc::new(Store::open(tmp.path().join("data"), o).unwrap());
     let done = Arc::new(AtomicBool::new(false));
     let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
@@ -112,4 +117,11 @@ fn asynchronous() {
 #[test]
 fn synchronous() {
     run(Durability::Sync);
+}
+
+/// With a 100 ms shred deadline the compactor copies partly acked segments while the
+/// producers and consumers run.
+#[test]
+fn with_compaction_running() {
+    run_with(Durability::default(), Duration::from_millis(100));
 }

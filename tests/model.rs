@@ -1,6 +1,7 @@
 //! Model-based test: random sequences of append / read / ack / ack_through / purge /
-//! advance clock / maintain / reopen behave exactly like a simple in-memory model
-//! (FIFO per queue, acks scoped to their queue, nothing expired or acked ever returned).
+//! advance clock / maintain (which compacts) / reopen behave exactly like a simple
+//! in-memory model (FIFO per queue, acks scoped to their queue, nothing expired or acked
+//! ever returned, nothing live ever lost by a compaction).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -118,6 +119,8 @@ fn open(dir: &Path, key: &Arc<FileKeyProvider>, clock: &Arc<ManualClock>) -> Sto
     o.max_message_size = 8 << 10;
     o.clock = clock.clone();
     o.background_reaper = false;
+    // A short shred deadline, so `Advance` + `Maintain` compact partly dead segments.
+    o.max_shred_delay = Duration::from_secs(4);
     o.durability = Durability::Group {
         max_delay: Duration::ZERO,
     };

@@ -1,7 +1,10 @@
-//! Background maintenance: the reaper. It retires old and dead active segments, removes
+//! Background maintenance. The reaper retires old and dead active segments, removes
 //! expired messages from the index, and shreds every segment whose records are all dead:
 //! drop the keys from the keystore (durably, one keystore write for the whole batch),
-//! then unlink the files.
+//! then unlink the files. The compactor (`compact`) empties partly dead segments before
+//! their shred deadline so the reaper can shred them.
+
+pub mod compact;
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -60,6 +63,25 @@ pub fn run_reaper(inner: &Arc<Inner>) {
     }
 }
 
+/// The compactor thread's loop: sleeps until the next segment falls due (or a tick, or a
+/// poke), then compacts what is due.
+pub fn run_compactor(inner: &Arc<Inner>) {
+    let tick =
+        (inner.opts.max_shred_delay / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        let now = inner.now_ms();
+        let wait = compact::next_due_ms(inner, now).map_or(tick, |due| {
+            Duration::from_millis(due.saturating_sub(now)).min(tick)
+        });
+        if !inner.compactor.sleep(wait) {
+            return;
+        }
+        if let Err(e) = compact::compact_due(inner) {
+            *inner.last_gc_error.lock() = Some(e.to_string());
+        }
+    }
+}
+
 /// One maintenance pass: retire, sweep `shards` index shards, shred what is dead.
 /// Returns the number of segments shredded.
 pub fn maintain(inner: &Inner, next_shard: &mut usize, shards: usize) -> Result<usize> {
@@ -107,6 +129,9 @@ pub fn shred_dead(inner: &Inner, now: u64) -> Result<usize> {
     for id in &ids {
         if let Some(seg) = inner.segments.remove(*id) {
             seg.shredded.store(true, Ordering::SeqCst);
+            if let Some(death) = seg.first_death_ms(now) {
+                inner.record_shred_latency(now.saturating_sub(death));
+            }
             for src in std::mem::take(&mut seg.links.lock().ack_sources) {
                 if let Some(a) = inner.segments.get(src) {
                     a.links.lock().ack_targets.remove(id);

@@ -113,6 +113,24 @@ impl QueueState {
         }
     }
 
+    /// Points message `id` at its copy, if it is still where the compactor found it.
+    /// `false` if it was acked, purged or already moved meanwhile.
+    pub fn relocate(&mut self, id: u64, from: (u64, u64), to: (u64, u64)) -> bool {
+        match self.slots.get_mut(&id) {
+            Some(s) if !s.is_pending() && s.seg == from.0 && u64::from(s.off) == from.1 => {
+                s.seg = to.0;
+                s.off = to.1 as u32;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The slot of a committed message.
+    pub fn slot(&self, id: u64) -> Option<Slot> {
+        self.slots.get(&id).filter(|s| !s.is_pending()).copied()
+    }
+
     /// Drops a pending message that was never written.
     pub fn rollback(&mut self, id: u64) {
         if let Some(s) = self.slots.remove(&id) {

@@ -71,6 +71,12 @@ pub struct Segment {
     pub max_expiry_ms: AtomicU64,
     /// Clock reading when the first message was added (u64::MAX if none).
     pub first_ms: AtomicU64,
+    /// Earliest expiry of any message in the segment (u64::MAX if none).
+    pub min_expiry_ms: AtomicU64,
+    /// When the first of its messages was acked or purged (u64::MAX if none yet).
+    pub first_ack_ms: AtomicU64,
+    /// A compaction is copying its live messages out.
+    pub compacting: AtomicBool,
     /// Never written again: sealed, or found at recovery.
     pub closed: AtomicBool,
     /// The segment holds ack records.
@@ -104,6 +110,9 @@ impl Segment {
             records: AtomicU64::new(0),
             max_expiry_ms: AtomicU64::new(0),
             first_ms: AtomicU64::new(u64::MAX),
+            min_expiry_ms: AtomicU64::new(u64::MAX),
+            first_ack_ms: AtomicU64::new(u64::MAX),
+            compacting: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             has_acks: AtomicBool::new(false),
             shredded: AtomicBool::new(false),
@@ -207,7 +216,24 @@ impl Segment {
         self.records.fetch_add(1, Ordering::SeqCst);
         self.max_expiry_ms
             .fetch_max(expires_at_ms, Ordering::SeqCst);
+        self.min_expiry_ms
+            .fetch_min(expires_at_ms, Ordering::SeqCst);
         self.first_ms.fetch_min(now_ms, Ordering::SeqCst);
+    }
+
+    /// Records that some of its messages were acked at `now_ms`.
+    pub fn mark_acked(&self, now_ms: u64) {
+        self.first_ack_ms.fetch_min(now_ms, Ordering::SeqCst);
+    }
+
+    /// When the first record of this segment died (acked, or expired by `now_ms`), if
+    /// one has: the start of its shred deadline.
+    pub fn first_death_ms(&self, now_ms: u64) -> Option<u64> {
+        let acked = self.first_ack_ms.load(Ordering::SeqCst);
+        let exp = self.min_expiry_ms.load(Ordering::SeqCst);
+        let exp = if exp <= now_ms { exp } else { u64::MAX };
+        let d = acked.min(exp);
+        (d != u64::MAX).then_some(d)
     }
 
     /// Counts messages that died (acked, purged, expired).

@@ -204,17 +204,19 @@ impl Writer {
     // ----- reservation (API threads) -----
 
     /// Reserves `len` bytes for a message frame in the active segment of `bucket`.
+    /// Compaction passes `enforce_quota = false`: it frees more than it writes, and a
+    /// full quota must not stop it from meeting the shred deadline.
     pub fn reserve(
         &self,
         bucket: Bucket,
         len: u64,
-        expires_at_ms: u64,
-        now_ms: u64,
+        (expires_at_ms, now_ms): (u64, u64),
+        enforce_quota: bool,
     ) -> Result<Reservation> {
         loop {
             self.check_failed()?;
             let used = self.disk_used.load(Ordering::SeqCst);
-            if used + len > self.cfg.max_disk_bytes {
+            if enforce_quota && used + len > self.cfg.max_disk_bytes {
                 return Err(Error::DiskQuotaExceeded {
                     used,
                     adding: len,
@@ -324,6 +326,12 @@ impl Writer {
         if self.cfg.durability == Durability::Async {
             return self.check_failed();
         }
+        self.wait_until(true, || seg.durable.load(Ordering::SeqCst) >= end)
+    }
+
+    /// Waits until everything up to `end` of `seg` is on stable storage, whatever the
+    /// durability mode (compaction must not shred an original before its copy is durable).
+    pub fn wait_durable_always(&self, seg: &Segment, end: u64) -> Result<()> {
         self.wait_until(true, || seg.durable.load(Ordering::SeqCst) >= end)
     }
 
@@ -828,6 +836,7 @@ impl Writer {
             *per_target.entry(*seg).or_default() += 1;
         }
         let mut any_dead = false;
+        let now = self.clock.now_ms();
         for (target, n) in per_target {
             let Some(t) = self.segments.get(target) else {
                 continue;
@@ -839,6 +848,7 @@ impl Writer {
                 }
             }
             t.dec_live(n);
+            t.mark_acked(now);
             any_dead |= t.live.load(Ordering::SeqCst) == 0;
         }
         if any_dead {

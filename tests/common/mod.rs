@@ -21,6 +21,8 @@ pub fn options(key: &Path, mode: &str) -> Options {
     let mut o = Options::new(Arc::new(FileKeyProvider::open(key).expect("key")));
     o.segment_size = 64 << 10;
     o.max_message_size = 4 << 10;
+    // Compaction runs in the background all the time, so kills land in the middle of it.
+    o.max_shred_delay = Duration::from_millis(400);
     o.durability = match mode {
         "sync" => Durability::Sync,
         "group" => Durability::default(),

@@ -1,0 +1,253 @@
+//! Compaction: copy the live messages of a partly dead segment into a survivor segment
+//! under a new key, switch the index to the copies, and let the reaper shred the old
+//! segment. This is what bounds how long an acked or expired message stays decryptable
+//! when its neighbours are still alive.
+//!
+//! Hot paths are never blocked: the compactor holds a queue lock only for the pointer
+//! swap of one message (no I/O, no cryptography under it), and the writer's state lock
+//! only for a reservation, like any appender.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::error::{CorruptionKind, Error, Result};
+use crate::format::frame::{FrameHeader, MessageMeta};
+use crate::segment::codec::{self, Opened};
+use crate::segment::scan::{self, Content};
+use crate::segment::Segment;
+use crate::store::Inner;
+use crate::writer::Bucket;
+
+/// Generation of compaction survivors (appends are generation 0).
+const SURVIVORS: u8 = 1;
+
+/// A closed segment is compacted once its first dead record is this far into its shred
+/// deadline (as a fraction 1/N of `max_shred_delay`), leaving the rest for copy + shred.
+const DUE_AT_DIVISOR: u64 = 2;
+
+/// Compacts every segment that is due; returns (segments compacted, bytes copied).
+pub fn compact_due(inner: &Inner) -> Result<(usize, u64)> {
+    let now = inner.now_ms();
+    let mut done = (0, 0);
+    for seg in candidates(inner, now) {
+        if seg.compacting.swap(true, Ordering::SeqCst) {
+            continue;
+        }
+        let r = compact_one(inner, &seg, now);
+        seg.compacting.store(false, Ordering::SeqCst);
+        done.0 += 1;
+        done.1 += r?;
+    }
+    if done.0 > 0 {
+        inner.reaper.poke();
+    }
+    Ok(done)
+}
+
+/// When the next compaction falls due (ms since the epoch), for the compactor's sleep.
+pub fn next_due_ms(inner: &Inner, now: u64) -> Option<u64> {
+    let d = inner.opts.max_shred_delay.as_millis() as u64;
+    inner
+        .segments
+        .all()
+        .iter()
+        .filter(|s| has_dead_and_live(s))
+        .filter_map(|s| s.first_death_ms(now).or_else(|| upcoming_expiry(s)))
+        .map(|death| death + d / DUE_AT_DIVISOR)
+        .min()
+}
+
+fn upcoming_expiry(s: &Segment) -> Option<u64> {
+    let e = s.min_expiry_ms.load(Ordering::SeqCst);
+    (e != u64::MAX).then_some(e)
+}
+
+fn has_dead_and_live(s: &Segment) -> bool {
+    let live = s.live.load(Ordering::SeqCst);
+    live > 0 && s.records.load(Ordering::SeqCst) > live
+}
+
+/// Closed segments holding both live and dead messages whose deadline is near (security)
+/// or that are mostly dead (space), oldest death first.
+fn candidates(inner: &Inner, now: u64) -> Vec<Arc<Segment>> {
+    let d = inner.opts.max_shred_delay.as_millis() as u64;
+    let active: std::collections::HashSet<u64> = inner.writer.active_ids().into_iter().collect();
+    let mut v: Vec<(u64, Arc<Segment>)> = inner
+        .segments
+        .all()
+        .into_iter()
+        .filter(|s| {
+            s.closed.load(Ordering::SeqCst) && !active.contains(&s.id) && has_dead_and_live(s)
+        })
+        .filter_map(|s| {
+            let death = s.first_death_ms(now)?;
+            let live = s.live.load(Ordering::SeqCst);
+            let mostly_dead = live * 4 < s.records.load(Ordering::SeqCst);
+            (death + d / DUE_AT_DIVISOR <= now || mostly_dead).then_some((death, s))
+        })
+        .collect();
+    v.sort_by_key(|(death, s)| (*death, s.id));
+    v.into_iter().map(|(_, s)| s).collect()
+}
+
+/// A live message found in the segment being compacted.
+struct Live {
+    queue: Vec<u8>,
+    id: u64,
+    created_at_ms: u64,
+    expires_at_ms: u64,
+    off: u64,
+    len: u32,
+}
+
+/// A copy written to a survivor segment.
+struct Copy {
+    queue: Vec<u8>,
+    id: u64,
+    from_off: u64,
+    to: Arc<Segment>,
+    to_off: u64,
+    len: u64,
+}
+
+fn compact_one(inner: &Inner, seg: &Arc<Segment>, now: u64) -> Result<u64> {
+    let live = live_messages(inner, seg, now)?;
+    let mut copies = Vec::with_capacity(live.len());
+    for m in live {
+        let payload = open_payload(seg, &m)?;
+        let bucket = Bucket::for_message(
+            SURVIVORS,
+            m.expires_at_ms.saturating_sub(m.created_at_ms),
+            m.expires_at_ms,
+            inner.opts.max_shred_delay.as_millis() as u64,
+        );
+        let r = inner
+            .writer
+            .reserve(bucket, u64::from(m.len), (m.expires_at_ms, now), false)?;
+        let meta = MessageMeta {
+            id: m.id,
+            created_at_ms: m.created_at_ms,
+            expires_at_ms: m.expires_at_ms,
+            payload_len: payload.len() as u32,
+            queue: &m.queue,
+        };
+        // A fresh key and a fresh offset: the copy never shares a key stream with the
+        // original (the JetStream re-encryption pitfall).
+        let frame = codec::seal_message(&r.seg.key, r.seg.id, r.offset, &meta, &payload);
+        inner.writer.submit(&r, frame);
+        copies.push(Copy {
+            queue: m.queue,
+            id: m.id,
+            from_off: m.off,
+            to: r.seg,
+            to_off: r.offset,
+            len: r.len,
+        });
+    }
+    // Copies durable before any pointer moves: a crash now leaves both copies, and
+    // recovery keeps the newer one.
+    let mut ends: HashMap<u64, (Arc<Segment>, u64)> = HashMap::new();
+    for c in &copies {
+        let e = ends
+            .entry(c.to.id)
+            .or_insert_with(|| (Arc::clone(&c.to), 0));
+        e.1 = e.1.max(c.to_off + c.len);
+    }
+    for (s, end) in ends.values() {
+        inner.writer.wait_durable_always(s, *end)?;
+    }
+    let mut moved = 0;
+    let mut bytes = 0;
+    for c in copies {
+        let swapped = inner.index.get(&c.queue).is_some_and(|q| {
+            q.state
+                .lock()
+                .relocate(c.id, (seg.id, c.from_off), (c.to.id, c.to_off))
+        });
+        if swapped {
+            moved += 1;
+        } else {
+            // Acked or purged while being copied: the copy is dead on arrival (its ack
+            // record names the id, so recovery never revives it either).
+            c.to.dec_live(1);
+            c.to.mark_acked(now);
+        }
+        bytes += c.len;
+    }
+    seg.dec_live(moved);
+    inner.bytes_copied.fetch_add(bytes, Ordering::SeqCst);
+    Ok(bytes)
+}
+
+/// The messages of `seg` that the index still points at. Expired ones met on the way are
+/// removed from the index instead of being copied.
+fn live_messages(inner: &Inner, seg: &Segment, now: u64) -> Result<Vec<Live>> {
+    let Some(bytes) = seg.mapped() else {
+        return Ok(Vec::new());
+    };
+    let walk = scan::scan(bytes, seg.id, Some(&seg.key), false);
+    if let Some((off, kind)) = walk.auth_failures.first() {
+        return Err(Error::corruption(&seg.path, *off, kind.clone()));
+    }
+    let mut out = Vec::new();
+    let mut expired = Vec::new();
+    for f in &walk.frames {
+        let Content::Message {
+            id,
+            created_at_ms,
+            expires_at_ms,
+            queue,
+            ..
+        } = &f.content
+        else {
+            continue;
+        };
+        let Some(q) = inner.index.get(queue) else {
+            continue;
+        };
+        let mut st = q.state.lock();
+        let Some(slot) = st.slot(*id) else { continue };
+        if slot.seg != seg.id || u64::from(slot.off) != f.offset {
+            continue;
+        }
+        if *expires_at_ms <= now {
+            if let Some(crate::index::Removed::Expired(s)) = st.take(*id, now) {
+                expired.push(s);
+            }
+            continue;
+        }
+        out.push(Live {
+            queue: queue.clone(),
+            id: *id,
+            created_at_ms: *created_at_ms,
+            expires_at_ms: *expires_at_ms,
+            off: f.offset,
+            len: f.len,
+        });
+    }
+    inner.drop_expired(&expired);
+    Ok(out)
+}
+
+fn open_payload(seg: &Segment, m: &Live) -> Result<Vec<u8>> {
+    let mut frame = seg.read_at(m.off, m.len as usize)?;
+    let h = FrameHeader::decode(&frame).map_err(|e| e.into_error(&seg.path, m.off))?;
+    match codec::open_frame(&seg.key, seg.id, m.off, h, &mut frame)
+        .map_err(|e| e.into_error(&seg.path, m.off))?
+    {
+        Opened::Message { id, .. } if id == m.id => {}
+        _ => {
+            return Err(Error::corruption(
+                &seg.path,
+                m.off,
+                CorruptionKind::AuthenticationFailed,
+            ))
+        }
+    }
+    let r = codec::open_body(&seg.key, seg.id, m.off, h, &mut frame)
+        .map_err(|e| e.into_error(&seg.path, m.off))?;
+    frame.truncate(r.end);
+    frame.drain(..r.start);
+    Ok(frame)
+}
