@@ -109,6 +109,11 @@ pub struct Options {
     /// Whole dead segments are shredded well within it; rewriting partly dead segments
     /// (compaction) is what enforces it for the rest.
     pub max_shred_delay: Duration,
+    /// Copy live messages out of partly dead segments so that every dead record is
+    /// shredded within `max_shred_delay` (default true). Switching it off voids that bound
+    /// (a dead record then lives as long as its most long-lived neighbour); it exists to
+    /// measure what compaction costs.
+    pub compaction: bool,
     /// How often Async data is fsynced (default 100 ms): the Async loss window.
     pub async_sync_interval: Duration,
     /// Where "now" comes from (default: the system clock).
@@ -136,6 +141,7 @@ impl Options {
             max_disk_bytes: 64 << 30,
             max_shred_delay: Duration::from_secs(60),
             async_sync_interval: Duration::from_millis(100),
+            compaction: true,
             clock: Arc::new(SystemClock),
             recovery: RecoveryMode::default(),
             allow_key_in_data_dir: false,

@@ -181,6 +181,15 @@ fn verify_segment(
             cx.problem(path, Some(16), kind.to_string());
             return Ok(());
         }
+        Ok(h) if h.dek_id != id => {
+            // Recovery refuses this too: one key per segment, named by the segment id.
+            let kind = CorruptionKind::BadField {
+                field: "segment dek id",
+                value: h.dek_id,
+            };
+            cx.problem(path, Some(24), kind.to_string());
+            return Ok(());
+        }
         Ok(_) => {}
     }
     let Some(ks) = ks else { return Ok(()) };

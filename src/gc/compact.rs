@@ -22,12 +22,18 @@ use crate::writer::Bucket;
 /// Generation of compaction survivors (appends are generation 0).
 const SURVIVORS: u8 = 1;
 
-/// A closed segment is compacted once its first dead record is this far into its shred
-/// deadline (as a fraction 1/N of `max_shred_delay`), leaving the rest for copy + shred.
-const DUE_AT_DIVISOR: u64 = 2;
+/// A closed segment is compacted once its first dead record is 3/4 of the way to its shred
+/// deadline: late enough that most of its neighbours (acked within seconds) are dead too
+/// and need no copy, early enough to leave a quarter of the deadline for copy + shred.
+fn due_after(max_shred_delay_ms: u64) -> u64 {
+    max_shred_delay_ms / 4 * 3
+}
 
 /// Compacts every segment that is due; returns (segments compacted, bytes copied).
 pub fn compact_due(inner: &Inner) -> Result<(usize, u64)> {
+    if !inner.opts.compaction {
+        return Ok((0, 0));
+    }
     let now = inner.now_ms();
     let mut done = (0, 0);
     for seg in candidates(inner, now) {
@@ -54,7 +60,7 @@ pub fn next_due_ms(inner: &Inner, now: u64) -> Option<u64> {
         .iter()
         .filter(|s| has_dead_and_live(s))
         .filter_map(|s| s.first_death_ms(now).or_else(|| upcoming_expiry(s)))
-        .map(|death| death + d / DUE_AT_DIVISOR)
+        .map(|death| death + due_after(d))
         .min()
 }
 
@@ -84,7 +90,7 @@ fn candidates(inner: &Inner, now: u64) -> Vec<Arc<Segment>> {
             let death = s.first_death_ms(now)?;
             let live = s.live.load(Ordering::SeqCst);
             let mostly_dead = live * 4 < s.records.load(Ordering::SeqCst);
-            (death + d / DUE_AT_DIVISOR <= now || mostly_dead).then_some((death, s))
+            (death + due_after(d) <= now || mostly_dead).then_some((death, s))
         })
         .collect();
     v.sort_by_key(|(death, s)| (*death, s.id));
