@@ -176,3 +176,73 @@ fn expired_messages_are_shredded_without_acks() {
     assert_eq!(stats.live_messages, 0, "{stats:?}");
     assert!(stats.shreds > 0);
 }
+
+#[test]
+fn after_the_deadline_only_live_messages_have_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = Arc::new(FileKeyProvider::create(tmp.path().join("key")).unwrap());
+    let clock = ManualClock::new(1_765_000_000_000);
+    let mut o = Options::new(key.clone());
+    o.segment_size = 64 << 10;
+    o.max_message_size = 8 << 10;
+    o.clock = clock.clone();
+    o.background_reaper = false;
+    let dir = tmp.path().join("data");
+    let store = Store::open(&dir, o).unwrap();
+    let mut kept = Vec::new();
+    for n in 0..400usize {
+        let q = format!("CANARY-Q-{}", n % 7);
+        let payload = format!("CANARY-DEADLINE-{n:04}-{}", "p".repeat(n % 900));
+        let id = store
+            .append(
+                q.as_bytes(),
+                payload.as_bytes(),
+                Duration::from_secs(86_400),
+            )
+            .unwrap();
+        if n % 10 == 0 {
+            kept.push((q, id, payload));
+        } else {
+            assert!(store.ack(q.as_bytes(), id).unwrap());
+        }
+    }
+    store.flush().unwrap();
+    // The segments holding acked messages (not the ack log or the spare), and their keys.
+    let report =
+        cinder::inspect(&dir, Some(&*key as &dyn KeyProvider), clock.now_ms(), false).unwrap();
+    let with_acked: HashSet<u64> = report
+        .segments
+        .iter()
+        .filter(|s| s.acked.unwrap_or(0) > 0)
+        .map(|s| s.id)
+        .collect();
+    assert!(with_acked.len() >= 2, "{report:?}");
+    let before: Vec<(u64, [u8; 32])> = deks(&dir, &key)
+        .into_iter()
+        .filter(|(s, _)| with_acked.contains(s))
+        .collect();
+    // Past the deadline (60 s by default): every segment that held an acked message has
+    // been compacted and shredded; the survivors live in new segments under new keys.
+    clock.advance(Duration::from_secs(61));
+    store.maintain().unwrap();
+    let after: HashSet<u64> = deks(&dir, &key).into_iter().map(|(s, _)| s).collect();
+    for (seg, k) in &before {
+        assert!(
+            !after.contains(seg),
+            "segment {seg} with acked messages still has a key"
+        );
+        assert_absent(&dir, k, "a shredded data key");
+    }
+    assert_absent(&dir, b"CANARY", "a payload or queue id");
+    for (q, id, payload) in kept {
+        let page = store.read(q.as_bytes(), None, 1000).unwrap();
+        assert!(
+            page.iter()
+                .any(|m| m.id == id && m.payload == payload.as_bytes()),
+            "live message lost"
+        );
+    }
+    let st = store.stats();
+    assert_eq!(st.dead_records, 0, "{st:?}");
+    assert!(st.bytes_copied > 0);
+}
