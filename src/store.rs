@@ -464,6 +464,10 @@ impl Store {
             }
         }
         if !orphaned.is_empty() {
+            self.inner
+                .index
+                .messages
+                .fetch_sub(orphaned.len() as u64, Ordering::SeqCst);
             let gen = self.inner.writer.push_acks(orphaned);
             self.inner.writer.wait_acks(gen)?;
         }

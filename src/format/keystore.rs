@@ -1,7 +1,9 @@
 //! The keystore file: the wrapped data keys of every live segment, plus a small sealed
 //! meta block (id and time floors). Rewritten whole, crash-safely, by `keys::keystore`.
 
-use super::{check_crc, get_u16, get_u32, get_u64, need, FormatError, FORMAT_VERSION};
+use super::{
+    check_crc, check_preamble, get_u16, get_u32, get_u64, need, FormatError, FORMAT_VERSION,
+};
 use crate::error::CorruptionKind;
 
 pub const MAGIC: [u8; 8] = *b"CINDRKEY";
@@ -98,18 +100,7 @@ impl KeystoreImage {
 
     /// Decodes a keystore file. Every length is validated before it is used.
     pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
-        need(buf, 0, HEADER_LEN)?;
-        if buf[..8] != MAGIC {
-            return Err(FormatError::at(0, CorruptionKind::BadMagic));
-        }
-        check_crc(&buf[..CRC_AT], get_u32(buf, CRC_AT), CRC_AT)?;
-        let version = get_u32(buf, VERSION_AT);
-        if version != FORMAT_VERSION {
-            return Err(FormatError::Version {
-                expected: FORMAT_VERSION,
-                got: version,
-            });
-        }
+        check_preamble(buf, MAGIC, HEADER_LEN, CRC_AT)?;
         let count = get_u32(buf, COUNT_AT) as usize;
         if count > MAX_ENTRIES {
             return Err(FormatError::at(
@@ -137,10 +128,10 @@ impl KeystoreImage {
         let mut at = 0usize;
         let mut entries = Vec::with_capacity(count.min(body.len() / ENTRY_FIXED));
         for _ in 0..count {
-            need(body, at, ENTRY_FIXED).map_err(|e| shift(e, HEADER_LEN))?;
+            need(body, at, ENTRY_FIXED).map_err(|e| e.shifted(HEADER_LEN))?;
             let wlen = get_u16(body, at + 32) as usize;
             check_wrapped_len(wlen, HEADER_LEN + at + 32)?;
-            need(body, at + ENTRY_FIXED, wlen).map_err(|e| shift(e, HEADER_LEN))?;
+            need(body, at + ENTRY_FIXED, wlen).map_err(|e| e.shifted(HEADER_LEN))?;
             entries.push(KeyEntry {
                 segment_id: get_u64(body, at),
                 dek_id: get_u64(body, at + 8),
@@ -150,10 +141,10 @@ impl KeystoreImage {
             });
             at += ENTRY_FIXED + wlen;
         }
-        need(body, at, 2).map_err(|e| shift(e, HEADER_LEN))?;
+        need(body, at, 2).map_err(|e| e.shifted(HEADER_LEN))?;
         let mlen = get_u16(body, at) as usize;
         check_wrapped_len(mlen, HEADER_LEN + at)?;
-        need(body, at + 2, mlen + META_SEALED_LEN).map_err(|e| shift(e, HEADER_LEN))?;
+        need(body, at + 2, mlen + META_SEALED_LEN).map_err(|e| e.shifted(HEADER_LEN))?;
         let meta_wrapped_key = body[at + 2..at + 2 + mlen].to_vec();
         let mut meta_sealed = [0u8; META_SEALED_LEN];
         meta_sealed.copy_from_slice(&body[at + 2 + mlen..at + 2 + mlen + META_SEALED_LEN]);
@@ -189,16 +180,6 @@ fn check_wrapped_len(len: usize, at: usize) -> Result<(), FormatError> {
         ));
     }
     Ok(())
-}
-
-fn shift(e: FormatError, by: usize) -> FormatError {
-    match e {
-        FormatError::Corrupt { offset, kind } => FormatError::Corrupt {
-            offset: offset + by as u64,
-            kind,
-        },
-        v @ FormatError::Version { .. } => v,
-    }
 }
 
 /// Encodes the meta block's plaintext.

@@ -29,6 +29,17 @@ impl FormatError {
         }
     }
 
+    /// The same failure, `by` bytes further into the file.
+    pub(crate) fn shifted(self, by: usize) -> Self {
+        match self {
+            FormatError::Corrupt { offset, kind } => FormatError::Corrupt {
+                offset: offset + by as u64,
+                kind,
+            },
+            v @ FormatError::Version { .. } => v,
+        }
+    }
+
     /// Turns a relative decode failure into a typed engine error.
     pub(crate) fn into_error(self, file: &std::path::Path, base: u64) -> crate::Error {
         match self {
@@ -67,6 +78,29 @@ pub(crate) fn need(buf: &[u8], at: usize, len: usize) -> Result<(), FormatError>
                 available: buf.len().saturating_sub(at) as u64,
             },
         ));
+    }
+    Ok(())
+}
+
+/// Checks the preamble every file header shares: length, magic (bytes 0..8), a CRC-32 of
+/// bytes `0..crc_at` stored at `crc_at`, and the format version at bytes 8..12.
+pub(crate) fn check_preamble(
+    buf: &[u8],
+    magic: [u8; 8],
+    len: usize,
+    crc_at: usize,
+) -> Result<(), FormatError> {
+    need(buf, 0, len)?;
+    if buf[..8] != magic {
+        return Err(FormatError::at(0, CorruptionKind::BadMagic));
+    }
+    check_crc(&buf[..crc_at], get_u32(buf, crc_at), crc_at)?;
+    let version = get_u32(buf, 8);
+    if version != FORMAT_VERSION {
+        return Err(FormatError::Version {
+            expected: FORMAT_VERSION,
+            got: version,
+        });
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The 64-byte header at the start of every segment file.
 
-use super::{check_crc, get_u32, get_u64, need, FormatError, FORMAT_VERSION};
+use super::{check_preamble, get_u32, get_u64, FormatError, FORMAT_VERSION};
 use crate::error::CorruptionKind;
 
 pub const MAGIC: [u8; 8] = *b"CINDRSEG";
@@ -44,18 +44,7 @@ impl SegmentHeader {
     /// Decodes and validates a header. Checks run in an order that never does
     /// arithmetic with an unvalidated field.
     pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
-        need(buf, 0, HEADER_LEN)?;
-        if buf[..8] != MAGIC {
-            return Err(FormatError::at(0, CorruptionKind::BadMagic));
-        }
-        check_crc(&buf[..CRC_AT], get_u32(buf, CRC_AT), CRC_AT)?;
-        let version = get_u32(buf, VERSION_AT);
-        if version != FORMAT_VERSION {
-            return Err(FormatError::Version {
-                expected: FORMAT_VERSION,
-                got: version,
-            });
-        }
+        check_preamble(buf, MAGIC, HEADER_LEN, CRC_AT)?;
         let len = get_u32(buf, HEADER_LEN_AT);
         if len as usize != HEADER_LEN {
             return Err(FormatError::at(

@@ -142,7 +142,7 @@ pub fn open_frame(
     let m = h.meta_range();
     match h.kind {
         FrameKind::Seal => {
-            let s = SealMeta::decode(&frame[m.clone()]).map_err(|e| shift(e, m.start))?;
+            let s = SealMeta::decode(&frame[m.clone()]).map_err(|e| e.shifted(m.start))?;
             let mut ad = aad(segment_id, offset, &h, Part::Seal).to_vec();
             ad.extend_from_slice(&s.authenticated());
             if !key.open(nonce(s.salt, Part::Seal), &ad, &mut [], &s.tag) {
@@ -186,7 +186,7 @@ pub fn open_frame(
                     .collect();
                 return Ok(Opened::Acks(ids));
             }
-            let meta = MessageMeta::decode(plain).map_err(|e| shift(e, m.start))?;
+            let meta = MessageMeta::decode(plain).map_err(|e| e.shifted(m.start))?;
             if meta.payload_len as usize + TAG_LEN != h.body_len as usize {
                 return Err(FormatError::at(
                     m.start,
@@ -248,16 +248,6 @@ fn open_part(
         Ok(())
     } else {
         Err(auth_fail(at))
-    }
-}
-
-fn shift(e: FormatError, by: usize) -> FormatError {
-    match e {
-        FormatError::Corrupt { offset, kind } => FormatError::Corrupt {
-            offset: offset + by as u64,
-            kind,
-        },
-        v @ FormatError::Version { .. } => v,
     }
 }
 
