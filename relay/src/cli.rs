@@ -1,0 +1,196 @@
+//! Command-line flags and the small parsers they use (durations like `7d`, sizes like
+//! `256KiB`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// A relay server for encrypted, ephemeral messages, on the cinder storage engine.
+///
+/// Senders deliver without a token (sealed-sender style); each recipient reads and acks
+/// its queue with a bearer token. Durations take a unit suffix (s, m, h, d; plain numbers
+/// are seconds); sizes take KiB, MiB, GiB (plain numbers are bytes).
+#[derive(Debug, Parser)]
+#[command(name = "cinder-relay", version, about, long_about = None)]
+pub struct Cli {
+    /// Address to listen on (plain HTTP: put a TLS-terminating proxy in front of anything
+    /// that is not loopback).
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub listen: SocketAddr,
+
+    /// The store's data directory (created 0700 if missing).
+    #[arg(long, default_value = "./cinder-data")]
+    pub data: PathBuf,
+
+    /// Master key file (32 bytes, 0600), generated on first start. Keep it outside the
+    /// data dir; production wants an HSM or a key on separate storage.
+    #[arg(long, default_value = "./cinder-master.key")]
+    pub key_file: PathBuf,
+
+    /// Accounts file: queue ids and token hashes (never tokens), 0600, outside the data dir.
+    #[arg(long, default_value = "./cinder-accounts")]
+    pub accounts: PathBuf,
+
+    /// When a write is acknowledged: `sync` (fsync per call), `group` (shared fsyncs,
+    /// still durable before the reply) or `async` (fsync within 100 ms).
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Group)]
+    pub durability: DurabilityArg,
+
+    /// Largest message payload accepted (413 above it; at most 16MiB).
+    #[arg(long, default_value = "256KiB", value_parser = parse_bytes)]
+    pub max_message_bytes: u64,
+
+    /// TTL of a message sent without an `X-Cinder-Ttl` header.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    pub default_ttl: Duration,
+
+    /// Longest TTL a sender may ask for (400 above it).
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    pub max_ttl: Duration,
+
+    /// Bytes stored per queue at most (429 above it). Counts stored frames: payload plus
+    /// about 100 bytes per message.
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    pub queue_quota_bytes: u64,
+
+    /// Messages stored per queue at most (429 above it).
+    #[arg(long, default_value_t = 100_000)]
+    pub queue_quota_messages: u64,
+
+    /// Bytes the data dir may use (507 above it).
+    #[arg(long, default_value = "64GiB", value_parser = parse_bytes)]
+    pub disk_quota_bytes: u64,
+
+    /// Bound on how long an acked or expired message stays decryptable on disk.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub max_shred_delay: Duration,
+
+    /// Sends per second per client address (token bucket; 429 when empty; 0 = no limit).
+    /// IPv6 clients are grouped by /64.
+    #[arg(long, default_value_t = 50.0)]
+    pub send_rate: f64,
+
+    /// Burst of sends per client address.
+    #[arg(long, default_value_t = 200.0)]
+    pub send_burst: f64,
+
+    /// Inbound bytes per recipient queue per minute (token bucket holding one minute;
+    /// 429 when spent; 0 = no limit). Must be at least --max-message-bytes.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    pub recipient_bytes_per_minute: u64,
+
+    /// Accounts created per client address per minute (0 = no limit).
+    #[arg(long, default_value_t = 30.0)]
+    pub accounts_per_minute: f64,
+
+    /// Open WebSocket connections at most (each idle one parks a thread in the engine's
+    /// blocking wait; 503 above it).
+    #[arg(long, default_value_t = 512)]
+    pub max_ws_connections: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DurabilityArg {
+    Sync,
+    Group,
+    Async,
+}
+
+impl DurabilityArg {
+    pub fn to_engine(self) -> cinder::Durability {
+        match self {
+            DurabilityArg::Sync => cinder::Durability::Sync,
+            DurabilityArg::Group => cinder::Durability::default(),
+            DurabilityArg::Async => cinder::Durability::Async,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            DurabilityArg::Sync => "sync (each write fsynced before its reply)",
+            DurabilityArg::Group => "group (fsyncs shared, each write durable before its reply)",
+            DurabilityArg::Async => "async (replies before fsync; a power loss can lose ~100 ms)",
+        }
+    }
+}
+
+/// `90`, `90s`, `15m`, `2h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 15m, 2h or 7d"))?;
+    let mult = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} (use s, m, h or d)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// `1048576`, `512KiB`, `256MiB`, `64GiB` (K/M/G and KB/MB/GB are read as binary too).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 4096, 256KiB, 64MiB or 1GiB"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(604_800));
+        assert!(parse_duration("x").is_err());
+        assert!(parse_duration("5w").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert_eq!(parse_bytes("256KiB").unwrap(), 256 << 10);
+        assert_eq!(parse_bytes("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_bytes("1G").unwrap(), 1 << 30);
+        assert!(parse_bytes("1 parsec").is_err());
+        assert!(parse_bytes("99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn flags_parse_with_defaults() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let c = Cli::parse_from(["cinder-relay"]);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7878");
+        assert_eq!(c.durability, DurabilityArg::Group);
+        assert_eq!(c.max_message_bytes, 256 << 10);
+    }
+}

@@ -1,0 +1,285 @@
+//! `cinder-relay`: an HTTP + WebSocket relay for encrypted, ephemeral messages, embedding
+//! the cinder storage engine. See `relay/README.md` for the API.
+
+mod accounts;
+mod cli;
+mod errors;
+mod limits;
+mod metrics;
+mod routes;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{watch, Notify, Semaphore};
+
+use crate::accounts::Accounts;
+use crate::cli::Cli;
+use crate::limits::Limiter;
+use crate::routes::{App, Config};
+
+/// How long shutdown waits for in-flight requests, then for WebSocket sessions.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One log line on stderr. Callers never pass payloads, tokens, keys or queue ids.
+pub fn log(msg: &str) {
+    eprintln!("cinder-relay: {msg}");
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log(&format!("fatal: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn check_flags(cli: &Cli) -> Result<(), String> {
+    if cli.default_ttl.is_zero() || cli.default_ttl > cli.max_ttl {
+        return Err("--default-ttl must be positive and at most --max-ttl".into());
+    }
+    if cli.max_message_bytes == 0 || cli.max_message_bytes > 16 << 20 {
+        return Err("--max-message-bytes must be 1 ..= 16MiB".into());
+    }
+    if cli.recipient_bytes_per_minute != 0 && cli.recipient_bytes_per_minute < cli.max_message_bytes
+    {
+        return Err("--recipient-bytes-per-minute must be at least --max-message-bytes".into());
+    }
+    let at_least = |x: f64, min: f64| x.is_finite() && x >= min;
+    if !at_least(cli.send_rate, 0.0)
+        || !at_least(cli.send_burst, 1.0)
+        || !at_least(cli.accounts_per_minute, 0.0)
+    {
+        return Err("rates must be >= 0 and --send-burst >= 1".into());
+    }
+    if cli.max_ws_connections == 0 || cli.max_ws_connections > 100_000 {
+        return Err("--max-ws-connections must be 1 ..= 100000".into());
+    }
+    Ok(())
+}
+
+/// `path` made absolute, with its parent directory resolved (the file may not exist).
+fn resolve(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) => dir
+            .canonicalize()
+            .map_or_else(|_| abs.clone(), |d| d.join(name)),
+        _ => abs,
+    }
+}
+
+/// Opens the master key (outside the data dir: the engine refuses one inside). A new key
+/// is generated only for a new data dir: one that holds data needs its own key back.
+/// Returns the key and whether it was generated now.
+fn open_key(
+    path: &Path,
+    data: &Path,
+    data_has_files: bool,
+) -> Result<(cinder::FileKeyProvider, bool), BoxError> {
+    match cinder::FileKeyProvider::open(path) {
+        Ok(k) => Ok((k, false)),
+        Err(cinder::Error::KeyFileMissing { .. }) if !data_has_files => {
+            let key = cinder::FileKeyProvider::create(path)?;
+            log(&format!(
+                "WARNING: generated a new master key at {} (mode 0600). Anyone with this file \
+                 and the data dir can read stored messages; losing it loses them. Production \
+                 wants an HSM or a key on separate storage, never next to the data.",
+                resolve(path).display()
+            ));
+            Ok((key, true))
+        }
+        Err(cinder::Error::KeyFileMissing { .. }) => Err(format!(
+            "master key file {} is missing but the data dir {} holds data: restore the key \
+             (a new one could not read it)",
+            path.display(),
+            data.display()
+        )
+        .into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn run(cli: &Cli) -> Result<(), BoxError> {
+    check_flags(cli)?;
+
+    let data_has_files = std::fs::read_dir(&cli.data)
+        .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != "LOCK")));
+    let (key, key_created) = open_key(&cli.key_file, &cli.data, data_has_files)?;
+    let key_path = resolve(&cli.key_file);
+    let mut opts = cinder::Options::new(Arc::new(key));
+    opts.durability = cli.durability.to_engine();
+    opts.max_message_size = cli.max_message_bytes as usize;
+    opts.max_ttl = cli.max_ttl;
+    opts.max_queue_bytes = cli.queue_quota_bytes;
+    opts.max_queue_len = cli.queue_quota_messages;
+    opts.max_disk_bytes = cli.disk_quota_bytes;
+    opts.max_shred_delay = cli.max_shred_delay;
+    let store = cinder::Store::open(&cli.data, opts)?;
+    let data_dir = cli.data.canonicalize()?;
+
+    let accounts_path = resolve(&cli.accounts);
+    if accounts_path.starts_with(&data_dir) {
+        return Err(format!(
+            "the accounts file {} is inside the data dir; keep it outside (--accounts)",
+            accounts_path.display()
+        )
+        .into());
+    }
+    if accounts_path == key_path {
+        return Err("--accounts and --key-file must be different files".into());
+    }
+    let (accounts, acc_report) = Accounts::open(&accounts_path)
+        .map_err(|e| format!("accounts file {}: {e}", accounts_path.display()))?;
+    if acc_report.created && data_has_files {
+        log("WARNING: new accounts file for a data dir that holds data: earlier accounts are gone, their messages expire unread");
+    }
+    if acc_report.torn_tail_dropped {
+        log("accounts file: dropped a torn last record (a change interrupted by a crash, never acknowledged)");
+    }
+
+    let listener = std::net::TcpListener::bind(cli.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", cli.listen))?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+
+    let rec = store.recovery_report();
+    println!("cinder-relay {}", env!("CARGO_PKG_VERSION"));
+    println!("data dir:    {}", data_dir.display());
+    println!(
+        "master key:  {}{}",
+        key_path.display(),
+        if key_created { " (generated now)" } else { "" }
+    );
+    println!(
+        "accounts:    {}{} ({} accounts)",
+        accounts_path.display(),
+        if acc_report.created {
+            " (created now)"
+        } else {
+            ""
+        },
+        accounts.len()
+    );
+    println!("durability:  {}", cli.durability.describe());
+    println!(
+        "recovered:   {} segments, {} live messages",
+        rec.segments, rec.live
+    );
+    if !local.ip().is_loopback() {
+        log("WARNING: listening beyond loopback without TLS; put a TLS-terminating proxy in front (and note that per-client limits then see the proxy's address)");
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // Each idle WebSocket session parks one blocking thread in `Store::wait`; keep
+        // room for the short engine calls of every request besides them.
+        .max_blocking_threads(cli.max_ws_connections + 256)
+        .build()?;
+    let store = Arc::new(store);
+    let result = rt.block_on(serve(cli, listener, local, Arc::clone(&store), accounts));
+
+    // Whatever happened, make everything durable and release the data dir.
+    let closed = store.flush().and_then(|()| store.close());
+    rt.shutdown_timeout(Duration::from_secs(5));
+    match (&result, closed) {
+        (_, Err(e)) => log(&format!("error closing the store: {e}")),
+        (Ok(()), Ok(())) => log("store flushed and closed; bye"),
+        (Err(_), Ok(())) => log("store flushed and closed"),
+    }
+    result
+}
+
+async fn serve(
+    cli: &Cli,
+    listener: std::net::TcpListener,
+    local: SocketAddr,
+    store: Arc<cinder::Store>,
+    accounts: Accounts,
+) -> Result<(), BoxError> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let budget = cli.recipient_bytes_per_minute as f64;
+    let app = Arc::new(App {
+        store,
+        accounts,
+        metrics: metrics::Metrics::default(),
+        cfg: Config {
+            default_ttl: cli.default_ttl,
+            max_ttl: cli.max_ttl,
+            max_message_bytes: cli.max_message_bytes as usize,
+        },
+        send_limit: Limiter::new(cli.send_rate, cli.send_burst),
+        inbound_limit: Limiter::new(budget / 60.0, budget + routes::PER_MESSAGE_COST as f64),
+        account_limit: Limiter::new(
+            cli.accounts_per_minute / 60.0,
+            cli.accounts_per_minute.max(1.0),
+        ),
+        shutdown: shutdown_rx.clone(),
+        ws_ended: Notify::new(),
+        ws_permits: Arc::new(Semaphore::new(cli.max_ws_connections)),
+    });
+    let router = routes::router(Arc::clone(&app));
+    let mut stop = shutdown_rx.clone();
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stop.wait_for(|s| *s).await;
+    });
+    let mut server = tokio::spawn(std::future::IntoFuture::into_future(server));
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    println!("listening on http://{local}");
+
+    let sig = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        r = &mut server => {
+            return match r {
+                Ok(Ok(())) => Err("the server stopped unexpectedly".into()),
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => Err(e.into()),
+            };
+        }
+    };
+    log(&format!(
+        "{sig}: shutting down: no new connections, finishing in-flight requests"
+    ));
+    let _ = shutdown_tx.send(true);
+    match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => log(&format!("error: server: {e}")),
+        Ok(Err(e)) => log(&format!("error: server task: {e}")),
+        Err(_) => {
+            log("in-flight requests did not finish in time; closing anyway");
+            server.abort();
+        }
+    }
+    // WebSocket sessions outlive their HTTP connection: wait for them to close (they
+    // were told to) and to apply the acks they received.
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        let ended = app.ws_ended.notified();
+        if app.metrics.ws_open.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, ended).await.is_err() {
+            log("WebSocket sessions did not close in time; closing anyway");
+            break;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,405 @@
+//! `GET /v1/queues/{queue}/ws`: push delivery.
+//!
+//! The server sends each message as a text frame `{"id", "payload", "expires_at"}`, the
+//! backlog first, then new messages as they arrive. New messages are noticed through the
+//! engine's blocking `Store::wait` (run on a blocking thread, woken by the append itself;
+//! no polling). The client answers `{"ack": "<id>"}`; at most 256 messages are unacked in
+//! flight, and the server sends nothing more until acks arrive. Acks are applied in
+//! batches, one engine call at a time per session.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use cinder::MessageId;
+use serde::Deserialize;
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::task::{JoinError, JoinHandle};
+
+use super::messages::message_json;
+use super::{authorize, App, AppState};
+use crate::errors::ApiError;
+use crate::metrics::inc;
+
+/// Unacked messages in flight per session, at most.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// One engine wait; a ping goes out after each idle one.
+const WAIT: Duration = Duration::from_secs(25);
+/// Messages read from the engine per call.
+const READ_BATCH: usize = 64;
+/// Close code: the account was deleted.
+const CLOSE_ACCOUNT_DELETED: u16 = 4000;
+
+/// Counts an open session (for the gauge and for shutdown, which waits for sessions to
+/// end); dropping it notifies.
+struct Slot(AppState);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.metrics.ws_open.fetch_sub(1, Ordering::SeqCst);
+        self.0.ws_ended.notify_waiters();
+    }
+}
+
+pub async fn upgrade(
+    State(app): State<AppState>,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if let Err(e) = authorize(&app, &headers, &queue) {
+        return e.into_response();
+    }
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(r) => return r.into_response(),
+    };
+    if *app.shutdown.borrow() {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    let Some(gone) = app.accounts.subscribe(&queue) else {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "invalid token").into_response();
+    };
+    // The permit is held by the session and by its engine wait, which can outlive the
+    // session by up to one wait: the cap bounds the threads parked in `Store::wait`.
+    let Ok(permit) = Arc::clone(&app.ws_permits).try_acquire_owned() else {
+        inc(&app.metrics.ws_refused, 1);
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many WebSocket sessions; retry later",
+        )
+        .into_response();
+    };
+    app.metrics.ws_open.fetch_add(1, Ordering::SeqCst);
+    let slot = Slot(Arc::clone(&app));
+    upgrade.on_upgrade(move |socket| async move {
+        let _slot = slot;
+        Session::new(app, queue, gone, Arc::new(permit))
+            .run(socket)
+            .await;
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckFrame {
+    ack: AckId,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum AckId {
+    Str(String),
+    Num(u64),
+}
+
+fn parse_ack(text: &str) -> Option<MessageId> {
+    let f: AckFrame = serde_json::from_str(text).ok()?;
+    match f.ack {
+        AckId::Str(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok(),
+        AckId::Str(_) => None,
+        AckId::Num(n) => Some(MessageId(n)),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Awaits the task in `h`, or never if there is none.
+async fn join<T>(h: &mut Option<JoinHandle<T>>) -> Result<T, JoinError> {
+    match h {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
+}
+
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
+}
+
+/// What the session loop does after an event.
+enum Next {
+    Continue,
+    /// Read and push what is after the cursor.
+    Read,
+    /// Send a keep-alive ping.
+    Ping,
+    /// Ping, then read (in flight was full: expired messages may have freed slots).
+    PingAndRead,
+    /// End the session, sending this close frame first.
+    End(Option<Message>),
+}
+
+/// The engine's wait returned.
+fn after_wait(r: Result<cinder::Result<bool>, JoinError>) -> Next {
+    match r {
+        Ok(Ok(true)) => Next::Read,
+        Ok(Ok(false)) => Next::Ping,
+        Ok(Err(cinder::Error::Closed)) => {
+            Next::End(Some(close(close_code::AWAY, "server shutting down")))
+        }
+        Ok(Err(e)) => internal_error("wait", &e),
+        Err(e) => internal_error("wait task", &e),
+    }
+}
+
+fn internal_error(what: &str, e: &dyn std::fmt::Display) -> Next {
+    crate::log(&format!("error: websocket {what}: {e}"));
+    Next::End(Some(close(close_code::ERROR, "internal error")))
+}
+
+struct Session {
+    app: AppState,
+    queue: Arc<str>,
+    gone: watch::Receiver<()>,
+    /// The last message sent: the next read starts after it.
+    cursor: Option<MessageId>,
+    /// Sent, not yet acked: id -> expiry (ms).
+    in_flight: HashMap<u64, u64>,
+    /// Acks received, not yet handed to the engine.
+    acks: Vec<MessageId>,
+    acking: Option<JoinHandle<cinder::Result<u64>>>,
+    waiter: Option<JoinHandle<cinder::Result<bool>>>,
+    permit: Arc<OwnedSemaphorePermit>,
+}
+
+impl Session {
+    fn new(
+        app: AppState,
+        queue: String,
+        gone: watch::Receiver<()>,
+        permit: Arc<OwnedSemaphorePermit>,
+    ) -> Self {
+        Session {
+            app,
+            queue: queue.into(),
+            gone,
+            cursor: None,
+            in_flight: HashMap::new(),
+            acks: Vec::new(),
+            acking: None,
+            waiter: None,
+            permit,
+        }
+    }
+
+    fn app(&self) -> &App {
+        &self.app
+    }
+
+    async fn run(mut self, mut socket: WebSocket) {
+        let mut shutdown = self.app.shutdown.clone();
+        let mut want_read = true;
+        let end = loop {
+            if *shutdown.borrow() {
+                break Some(close(close_code::AWAY, "server shutting down"));
+            }
+            if want_read {
+                match self.push(&mut socket).await {
+                    Ok(more) => want_read = more,
+                    Err(end) => break end,
+                }
+                if want_read {
+                    continue;
+                }
+            }
+            if self.waiter.is_none() && self.in_flight.len() < MAX_IN_FLIGHT {
+                let store = Arc::clone(&self.app.store);
+                let (q, cursor) = (Arc::clone(&self.queue), self.cursor);
+                let permit = Arc::clone(&self.permit);
+                self.waiter = Some(tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    store.wait(q.as_bytes(), cursor, WAIT)
+                }));
+            }
+            let next = tokio::select! {
+                r = join(&mut self.waiter) => {
+                    self.waiter = None;
+                    after_wait(r)
+                }
+                r = join(&mut self.acking) => {
+                    self.acking = None;
+                    self.after_acks(r)
+                }
+                msg = socket.recv() => self.on_frame(msg),
+                () = tokio::time::sleep(WAIT), if self.waiter.is_none() => {
+                    // In flight is full and the client is silent: keep the connection
+                    // alive, and look again for slots of messages that expired unacked.
+                    Next::PingAndRead
+                }
+                _ = self.gone.changed() => {
+                    Next::End(Some(close(CLOSE_ACCOUNT_DELETED, "account deleted")))
+                }
+                r = shutdown.changed() => match r {
+                    Ok(()) => Next::Continue,
+                    Err(_) => Next::End(Some(close(close_code::AWAY, "server shutting down"))),
+                },
+            };
+            match next {
+                Next::Continue => {}
+                Next::Read => want_read = true,
+                Next::Ping | Next::PingAndRead => {
+                    // Idle: keep the connection (and any proxy) alive.
+                    let ping = Message::Ping(axum::body::Bytes::new());
+                    if socket.send(ping).await.is_err() {
+                        break None;
+                    }
+                    want_read |= matches!(next, Next::PingAndRead);
+                }
+                Next::End(m) => break m,
+            }
+        };
+        if let Some(m) = end {
+            let _ = socket.send(m).await;
+        }
+        drop(socket);
+        self.finish_acks().await;
+    }
+
+    /// An ack batch finished.
+    fn after_acks(&mut self, r: Result<cinder::Result<u64>, JoinError>) -> Next {
+        match r {
+            Ok(Ok(n)) => {
+                inc(&self.app.metrics.messages_acked, n);
+                self.start_acks();
+                Next::Continue
+            }
+            Ok(Err(cinder::Error::Closed)) => {
+                Next::End(Some(close(close_code::AWAY, "server shutting down")))
+            }
+            Ok(Err(e)) => internal_error("ack", &e),
+            Err(e) => internal_error("ack task", &e),
+        }
+    }
+
+    /// A frame from the client (or the end of the stream).
+    fn on_frame(&mut self, msg: Option<Result<Message, axum::Error>>) -> Next {
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                let Some(id) = parse_ack(t.as_str()) else {
+                    return Next::End(Some(close(
+                        close_code::POLICY,
+                        "expected {\"ack\": \"<id>\"}",
+                    )));
+                };
+                let was_full = self.in_flight.len() >= MAX_IN_FLIGHT;
+                self.in_flight.remove(&id.0);
+                self.acks.push(id);
+                self.start_acks();
+                if was_full && self.in_flight.len() < MAX_IN_FLIGHT {
+                    Next::Read
+                } else {
+                    Next::Continue
+                }
+            }
+            Some(Ok(Message::Binary(_))) => Next::End(Some(close(
+                close_code::UNSUPPORTED,
+                "binary frames are not used",
+            ))),
+            Some(Ok(Message::Close(_)) | Err(_)) | None => Next::End(None),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Next::Continue,
+        }
+    }
+
+    /// Sends the next messages after the cursor while there is room in flight. `Ok(true)`
+    /// if a full batch went out (there may be more); `Err` ends the session, with the
+    /// close frame to send.
+    async fn push(&mut self, socket: &mut WebSocket) -> Result<bool, Option<Message>> {
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            // Messages that expired unacked can never be acked: free their slots.
+            let now = now_ms();
+            self.in_flight.retain(|_, exp| *exp > now);
+        }
+        let room = MAX_IN_FLIGHT.saturating_sub(self.in_flight.len());
+        if room == 0 {
+            return Ok(false);
+        }
+        let batch = room.min(READ_BATCH);
+        let store = Arc::clone(&self.app().store);
+        let (q, cursor) = (Arc::clone(&self.queue), self.cursor);
+        let msgs = match tokio::task::spawn_blocking(move || {
+            store.read(q.as_bytes(), cursor, batch)
+        })
+        .await
+        {
+            Ok(Ok(m)) => m,
+            Ok(Err(cinder::Error::Closed)) => {
+                return Err(Some(close(close_code::AWAY, "server shutting down")))
+            }
+            Ok(Err(e)) => {
+                crate::log(&format!("error: websocket read: {e}"));
+                return Err(Some(close(close_code::ERROR, "internal error")));
+            }
+            Err(e) => {
+                crate::log(&format!("error: websocket read task: {e}"));
+                return Err(Some(close(close_code::ERROR, "internal error")));
+            }
+        };
+        let full = msgs.len() == batch;
+        for m in &msgs {
+            let text = message_json(m).to_string();
+            if socket.send(Message::Text(text.into())).await.is_err() {
+                return Err(None);
+            }
+            self.in_flight.insert(m.id.0, m.expires_at_ms);
+            self.cursor = Some(m.id);
+        }
+        inc(&self.app().metrics.messages_pushed_ws, msgs.len() as u64);
+        Ok(full)
+    }
+
+    /// Hands the received acks to the engine unless a batch is already being applied.
+    fn start_acks(&mut self) {
+        if self.acking.is_some() || self.acks.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.acks);
+        let store = Arc::clone(&self.app.store);
+        let q = Arc::clone(&self.queue);
+        self.acking = Some(tokio::task::spawn_blocking(move || {
+            store.ack_batch(q.as_bytes(), &ids)
+        }));
+    }
+
+    /// Applies every ack received before the session ended.
+    async fn finish_acks(&mut self) {
+        if let Some(h) = self.acking.take() {
+            if let Ok(Ok(n)) = h.await {
+                inc(&self.app.metrics.messages_acked, n);
+            }
+        }
+        self.start_acks();
+        if let Some(h) = self.acking.take() {
+            if let Ok(Ok(n)) = h.await {
+                inc(&self.app.metrics.messages_acked, n);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_frames() {
+        assert_eq!(parse_ack(r#"{"ack": "42"}"#), Some(MessageId(42)));
+        assert_eq!(parse_ack(r#"{"ack": 42}"#), Some(MessageId(42)));
+        assert_eq!(parse_ack(r#"{"ack": "x"}"#), None);
+        assert_eq!(parse_ack(r#"{"ack": "-1"}"#), None);
+        assert_eq!(parse_ack(r#"{"ack": "1", "x": 2}"#), None);
+        assert_eq!(parse_ack("hello"), None);
+    }
+}
