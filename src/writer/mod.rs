@@ -92,11 +92,9 @@ pub struct Writer {
     segments: Arc<SegmentTable>,
     state: Mutex<State>,
     work: Condvar,
-    /// Durability waiters sleep on `progress` with this lock (kept apart from `state`, so
-    /// that waking a whole batch does not contend with appenders and the writer).
-    sync: Mutex<()>,
-    /// Durability waiters sleep here; notified once per fsync round.
-    progress: Condvar,
+    /// Bumped after every fsync round (and on failure and stop); durability waiters
+    /// sleep on it as a futex.
+    durable_epoch: std::sync::atomic::AtomicU32,
     /// Callers waiting for durability, and when the first and the last of them arrived
     /// (nanoseconds since `epoch`, 0 = none).
     waiters: AtomicUsize,
@@ -155,8 +153,7 @@ impl Writer {
             segments,
             state: Mutex::new(State::default()),
             work: Condvar::new(),
-            progress: Condvar::new(),
-            sync: Mutex::new(()),
+            durable_epoch: std::sync::atomic::AtomicU32::new(0),
             waiters: AtomicUsize::new(0),
             arrivals: AtomicUsize::new(0),
             peak_batch: AtomicUsize::new(0),
@@ -374,16 +371,31 @@ impl Writer {
             drop(self.state.lock());
             self.work.notify_one();
         }
-        let mut g = self.sync.lock();
-        let r = self.wait_loop(&mut g, &self.progress, &done);
-        drop(g);
+        let r = loop {
+            // Read the epoch before checking: a round that completes after the check bumps
+            // it, and the wait returns at once.
+            let epoch = self.durable_epoch.load(Ordering::SeqCst);
+            if done() {
+                break Ok(());
+            }
+            if let Err(e) = self.check_failed() {
+                break Err(e);
+            }
+            if self.stopped.load(Ordering::SeqCst) {
+                break Err(Error::Closed);
+            }
+            atomic_wait::wait(&self.durable_epoch, epoch);
+        };
         self.waiters.fetch_sub(1, Ordering::SeqCst);
         r
     }
 
+    /// Wakes every durability waiter with one futex call: a woken caller checks atomics
+    /// and returns without taking a lock, so a batch of 32 wakes in parallel instead of
+    /// as a chain of lock hand-offs.
     fn wake_parked(&self) {
-        let _g = self.sync.lock();
-        self.progress.notify_all();
+        self.durable_epoch.fetch_add(1, Ordering::SeqCst);
+        atomic_wait::wake_all(std::ptr::from_ref(&self.durable_epoch));
     }
 
     fn wait_loop<T>(
@@ -517,6 +529,20 @@ impl Writer {
     // ----- the writer thread -----
 
     fn run(self: Arc<Self>) {
+        // Whatever ends this thread (a panic included), waiters must not sleep forever.
+        struct Stopped<'a>(&'a Writer);
+        impl Drop for Stopped<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    let _ = self.0.failed.set("the writer thread panicked".into());
+                }
+                self.0.stopped.store(true, Ordering::SeqCst);
+                self.0.wake_parked();
+                let _g = self.0.state.lock();
+                self.0.moved.notify_all();
+            }
+        }
+        let _stopped = Stopped(&self);
         let mut ws = WriterLocal {
             crcs: HashMap::new(),
             unsynced: HashMap::new(),
@@ -532,10 +558,6 @@ impl Writer {
                 }
             }
         }
-        self.stopped.store(true, Ordering::SeqCst);
-        let _g = self.state.lock();
-        self.wake_parked();
-        self.moved.notify_all();
     }
 
     /// Group commit: when several callers have been sharing fsyncs, hold the batch open
