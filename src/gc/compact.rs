@@ -36,19 +36,33 @@ pub fn compact_due(inner: &Inner) -> Result<(usize, u64)> {
     }
     let now = inner.now_ms();
     let mut done = (0, 0);
+    let mut first_err = None;
     for seg in candidates(inner, now) {
         if seg.compacting.swap(true, Ordering::SeqCst) {
             continue;
         }
         let r = compact_one(inner, &seg, now);
-        seg.compacting.store(false, Ordering::SeqCst);
-        done.0 += 1;
-        done.1 += r?;
+        match r {
+            Ok(bytes) => {
+                seg.compacting.store(false, Ordering::SeqCst);
+                done.0 += 1;
+                done.1 += bytes;
+            }
+            // A segment that cannot be compacted (a record that does not open) stays
+            // marked, so it is not retried on every pass; the error is reported and the
+            // other segments are still compacted.
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
     }
     if done.0 > 0 {
         inner.reaper.poke();
     }
-    Ok(done)
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(done),
+    }
 }
 
 /// When the next compaction falls due (ms since the epoch), for the compactor's sleep.
@@ -79,6 +93,7 @@ fn has_dead_and_live(s: &Segment) -> bool {
 fn candidates(inner: &Inner, now: u64) -> Vec<Arc<Segment>> {
     let d = inner.opts.max_shred_delay.as_millis() as u64;
     let active: std::collections::HashSet<u64> = inner.writer.active_ids().into_iter().collect();
+    // (`compacting` stays set on a segment whose compaction failed: it is skipped.)
     let mut v: Vec<(u64, Arc<Segment>)> = inner
         .segments
         .all()
@@ -120,6 +135,26 @@ struct Copy {
 fn compact_one(inner: &Inner, seg: &Arc<Segment>, now: u64) -> Result<u64> {
     let live = live_messages(inner, seg, now)?;
     let mut copies = Vec::with_capacity(live.len());
+    if let Err(e) = copy_out(inner, seg, live, now, &mut copies) {
+        // The copies made so far are never switched to: count them dead so they are
+        // shredded with their segment, not kept (or made again) forever.
+        for c in &copies {
+            c.to.dec_live(1);
+            c.to.mark_acked(now);
+        }
+        return Err(e);
+    }
+    switch_over(inner, seg, copies, now)
+}
+
+/// Decrypts each live message and writes its copy; `copies` holds what was written.
+fn copy_out(
+    inner: &Inner,
+    seg: &Segment,
+    live: Vec<Live>,
+    now: u64,
+    copies: &mut Vec<Copy>,
+) -> Result<()> {
     for m in live {
         let payload = open_payload(seg, &m)?;
         let bucket = Bucket::for_message(
@@ -151,6 +186,11 @@ fn compact_one(inner: &Inner, seg: &Arc<Segment>, now: u64) -> Result<u64> {
             len: r.len,
         });
     }
+    Ok(())
+}
+
+/// Waits for the copies to be durable, then points the index at them.
+fn switch_over(inner: &Inner, seg: &Segment, copies: Vec<Copy>, now: u64) -> Result<u64> {
     // Copies durable before any pointer moves: a crash now leaves both copies, and
     // recovery keeps the newer one.
     let mut ends: HashMap<u64, (Arc<Segment>, u64)> = HashMap::new();
