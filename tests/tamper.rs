@@ -225,6 +225,15 @@ fn corruption(r: Result<Store, Error>, file: &Path, offset: u64) -> CorruptionKi
     kind
 }
 
+/// Asserts that opening failed with `AuthenticationFailed` in `file` at `offset`.
+fn expect_auth_failure(r: Result<Store, Error>, file: &Path, offset: u64) {
+    let kind = corruption(r, file, offset);
+    assert!(
+        matches!(kind, CorruptionKind::AuthenticationFailed),
+        "{kind:?}"
+    );
+}
+
 /// A closed store with `MESSAGES` messages over `QUEUES` queues, a few of them acked.
 struct Fixture {
     tmp: tempfile::TempDir,
@@ -410,11 +419,7 @@ fn meta_byte_flip_with_fixed_frame_crc_fails_authentication_at_open() {
     b[off + h.meta_range().start + 2] ^= 0x10;
     fix_frame_crc(&mut b, off, h);
     fs::write(&seg.path, &b).unwrap();
-    let kind = corruption(open(&dir, f.opts()), &seg.path, meta_at(off));
-    assert!(
-        matches!(kind, CorruptionKind::AuthenticationFailed),
-        "{kind:?}"
-    );
+    expect_auth_failure(open(&dir, f.opts()), &seg.path, meta_at(off));
 }
 
 #[test]
@@ -433,11 +438,7 @@ fn swapped_frames_fail_authentication_at_the_first() {
     bytes[first..first + len].copy_from_slice(&second_frame);
     bytes[second..second + len].copy_from_slice(&first_frame);
     fs::write(&seg.path, &bytes).unwrap();
-    let kind = corruption(open(&dir, f.opts()), &seg.path, meta_at(first));
-    assert!(
-        matches!(kind, CorruptionKind::AuthenticationFailed),
-        "{kind:?}"
-    );
+    expect_auth_failure(open(&dir, f.opts()), &seg.path, meta_at(first));
 }
 
 #[test]
@@ -454,11 +455,7 @@ fn replayed_frame_fails_authentication_at_the_replay() {
     let copy = b[early..early + n].to_vec();
     b[late..late + n].copy_from_slice(&copy);
     fs::write(&seg.path, &b).unwrap();
-    let kind = corruption(open(&dir, f.opts()), &seg.path, meta_at(late));
-    assert!(
-        matches!(kind, CorruptionKind::AuthenticationFailed),
-        "{kind:?}"
-    );
+    expect_auth_failure(open(&dir, f.opts()), &seg.path, meta_at(late));
 }
 
 #[test]
@@ -473,11 +470,7 @@ fn frame_moved_to_another_segment_fails_authentication() {
     let mut b = dst.bytes.clone();
     b[off..off + n].copy_from_slice(&src.bytes[off..off + n]);
     fs::write(&dst.path, &b).unwrap();
-    let kind = corruption(open(&dir, f.opts()), &dst.path, meta_at(off));
-    assert!(
-        matches!(kind, CorruptionKind::AuthenticationFailed),
-        "{kind:?}"
-    );
+    expect_auth_failure(open(&dir, f.opts()), &dst.path, meta_at(off));
 }
 
 #[test]
