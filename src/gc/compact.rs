@@ -48,10 +48,12 @@ pub fn compact_due(inner: &Inner) -> Result<(usize, u64)> {
                 done.0 += 1;
                 done.1 += bytes;
             }
-            // A segment that cannot be compacted (a record that does not open) stays
-            // marked, so it is not retried on every pass; the error is reported and the
-            // other segments are still compacted.
+            // A segment that cannot be compacted (a record that does not open) is not
+            // retried on every pass; the error is reported and the other segments are
+            // still compacted.
             Err(e) => {
+                seg.uncompactable.store(true, Ordering::SeqCst);
+                seg.compacting.store(false, Ordering::SeqCst);
                 first_err.get_or_insert(e);
             }
         }
@@ -93,11 +95,11 @@ fn has_dead_and_live(s: &Segment) -> bool {
 fn candidates(inner: &Inner, now: u64) -> Vec<Arc<Segment>> {
     let d = inner.opts.max_shred_delay.as_millis() as u64;
     let active: std::collections::HashSet<u64> = inner.writer.active_ids().into_iter().collect();
-    // (`compacting` stays set on a segment whose compaction failed: it is skipped.)
     let mut v: Vec<(u64, Arc<Segment>)> = inner
         .segments
         .all()
         .into_iter()
+        .filter(|s| !s.uncompactable.load(Ordering::SeqCst))
         .filter(|s| {
             s.closed.load(Ordering::SeqCst) && !active.contains(&s.id) && has_dead_and_live(s)
         })

@@ -77,6 +77,8 @@ pub struct Segment {
     pub first_ack_ms: AtomicU64,
     /// A compaction is copying its live messages out.
     pub compacting: AtomicBool,
+    /// A compaction failed on a record that does not open: not retried (reported).
+    pub uncompactable: AtomicBool,
     /// Never written again: sealed, or found at recovery.
     pub closed: AtomicBool,
     /// The segment holds ack records.
@@ -113,6 +115,7 @@ impl Segment {
             min_expiry_ms: AtomicU64::new(u64::MAX),
             first_ack_ms: AtomicU64::new(u64::MAX),
             compacting: AtomicBool::new(false),
+            uncompactable: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             has_acks: AtomicBool::new(false),
             shredded: AtomicBool::new(false),
