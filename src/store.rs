@@ -16,7 +16,7 @@ use crate::index::{Index, QueueCell, Removed, Slot};
 use crate::keys::keyring::Keyring;
 use crate::options::{Clock, Options};
 use crate::recovery::{self, RecoveryReport};
-use crate::segment::codec::{self, Opened};
+use crate::segment::codec;
 use crate::segment::{Segment, SegmentTable};
 use crate::writer::{Bucket, Writer, WriterConfig};
 
@@ -505,54 +505,48 @@ impl Store {
                 };
                 s
             };
-            if let Some(m) = self.load(&seg, queue, id, &slot)? {
+            if let Some(m) = self.load(&seg, id, &slot, now)? {
                 out.push(m);
             }
         }
         Ok(out)
     }
 
-    fn load(&self, seg: &Segment, queue: &[u8], id: u64, slot: &Slot) -> Result<Option<Message>> {
+    /// Loads a message's payload: only the frame's body is opened. The meta (queue, id,
+    /// expiry) is not opened again: the index holds it, taken from an authenticated
+    /// meta at append or recovery, and the body's associated data binds it to this
+    /// (segment, offset), where no other record was ever written. From a mapped
+    /// (sealed) segment only the body is copied; otherwise the frame is read whole.
+    fn load(&self, seg: &Segment, id: u64, slot: &Slot, now_ms: u64) -> Result<Option<Message>> {
+        if slot.expires_at_ms <= now_ms {
+            return Ok(None);
+        }
         let off = u64::from(slot.off);
         let len = slot.len() as usize;
         self.inner.writer.wait_written(seg, off + len as u64)?;
-        let mut frame = seg.read_at(off, len)?;
-        let bad = |at: u64, kind| Error::corruption(&seg.path, off + at, kind);
-        let h = FrameHeader::decode(&frame).map_err(|e| e.into_error(&seg.path, off))?;
-        if h.kind != FrameKind::Message || h.frame_len() != len {
-            return Err(bad(
-                0,
-                CorruptionKind::BadField {
-                    field: "frame kind or length",
-                    value: h.frame_len() as u64,
-                },
-            ));
-        }
-        let opened = codec::open_frame(&seg.key, seg.id, off, h, &mut frame)
-            .map_err(|e| e.into_error(&seg.path, off))?;
-        let Opened::Message {
-            id: got,
-            queue: q,
-            expires_at_ms,
-            ..
-        } = opened
-        else {
-            return Err(bad(0, CorruptionKind::AuthenticationFailed));
+        let mapped = seg
+            .mapped()
+            .and_then(|m| m.get(off as usize..off as usize + len));
+        let payload = if let Some(frame) = mapped {
+            let h = message_header(seg, off, len, frame)?;
+            let mut body = frame[h.body_range()].to_vec();
+            let n = codec::open_body_part(&seg.key, seg.id, off, h, &mut body)
+                .map_err(|e| e.into_error(&seg.path, off))?;
+            body.truncate(n);
+            body
+        } else {
+            let mut frame = seg.read_at(off, len)?;
+            let h = message_header(seg, off, len, &frame)?;
+            let r = codec::open_body(&seg.key, seg.id, off, h, &mut frame)
+                .map_err(|e| e.into_error(&seg.path, off))?;
+            frame.truncate(r.end);
+            frame.drain(..r.start);
+            frame
         };
-        if got != id || q != queue {
-            return Err(bad(0, CorruptionKind::AuthenticationFailed));
-        }
-        let r = codec::open_body(&seg.key, seg.id, off, h, &mut frame)
-            .map_err(|e| e.into_error(&seg.path, off))?;
-        if expires_at_ms <= self.inner.now_ms() {
-            return Ok(None);
-        }
-        frame.truncate(r.end);
-        frame.drain(..r.start);
         Ok(Some(Message {
             id: MessageId(id),
-            payload: frame,
-            expires_at_ms,
+            payload,
+            expires_at_ms: slot.expires_at_ms,
         }))
     }
 
@@ -780,4 +774,20 @@ impl Drop for Store {
     fn drop(&mut self) {
         let _ = self.close();
     }
+}
+
+/// Decodes the header of the message frame of `len` bytes at `off`.
+fn message_header(seg: &Segment, off: u64, len: usize, frame: &[u8]) -> Result<FrameHeader> {
+    let h = FrameHeader::decode(frame).map_err(|e| e.into_error(&seg.path, off))?;
+    if h.kind != FrameKind::Message || h.frame_len() != len {
+        return Err(Error::corruption(
+            &seg.path,
+            off,
+            CorruptionKind::BadField {
+                field: "frame kind or length",
+                value: h.frame_len() as u64,
+            },
+        ));
+    }
+    Ok(h)
 }

@@ -207,6 +207,9 @@ pub fn open_frame(
 }
 
 /// Opens a message frame's body in place; returns the payload's range within `frame`.
+/// The associated data binds the body to its segment, offset, frame lengths and part,
+/// so the body of any other record fails here: a reader that knows from the index which
+/// record sits at `offset` needs no meta open to trust the payload.
 pub fn open_body(
     key: &SealKey,
     segment_id: u64,
@@ -215,16 +218,31 @@ pub fn open_body(
     frame: &mut [u8],
 ) -> Result<std::ops::Range<usize>, FormatError> {
     let b = h.body_range();
-    open_part(
-        key,
-        segment_id,
-        offset,
-        h,
-        Part::Body,
-        &mut frame[b.clone()],
-        b.start,
-    )?;
-    Ok(b.start..b.end - TAG_LEN)
+    let n = open_body_part(key, segment_id, offset, h, &mut frame[b.clone()])?;
+    Ok(b.start..b.start + n)
+}
+
+/// Opens the sealed body (exactly `h.body_range()` of the frame at `offset`, copied out
+/// on its own) in place; returns the payload length.
+pub fn open_body_part(
+    key: &SealKey,
+    segment_id: u64,
+    offset: u64,
+    h: FrameHeader,
+    body: &mut [u8],
+) -> Result<usize, FormatError> {
+    let at = h.body_range().start;
+    if body.len() != h.body_len as usize {
+        return Err(FormatError::at(
+            at,
+            CorruptionKind::BadField {
+                field: "body length",
+                value: body.len() as u64,
+            },
+        ));
+    }
+    open_part(key, segment_id, offset, h, Part::Body, body, at)?;
+    Ok(body.len() - TAG_LEN)
 }
 
 fn open_part(
