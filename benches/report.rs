@@ -4,12 +4,13 @@
 //! `cargo bench --bench report` runs it in full (a few minutes, ~2 GB of disk in a temp
 //! dir); `cargo test --benches` runs a seconds-long smoke of the same code.
 
-use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "common/machine.rs"]
+mod machine;
 
 use cinder::{Durability, FileKeyProvider, MessageId, Options, Store};
 
@@ -41,8 +42,10 @@ fn main() {
     let key = Arc::new(FileKeyProvider::create(tmp.path().join("key")).unwrap());
     println!("## Machine limits (same run)\n");
     let seal = seal_limits(&cfg);
-    let (fsync_p50, fsync_p99) = fsync_latency(tmp.path(), if full { 2000 } else { 20 });
-    let seq_bw = seq_write_bandwidth(tmp.path(), if full { 1 << 30 } else { 8 << 20 });
+    let (fsync_p50, fsync_p99) =
+        machine::fsync_latency(tmp.path(), if full { 2000 } else { 20 }).unwrap();
+    let (fsync_p50, fsync_p99) = (fsync_p50 * 1e6, fsync_p99 * 1e6);
+    let seq_bw = machine::seq_write(tmp.path(), if full { 1 << 30 } else { 8 << 20 }).unwrap();
     println!("| limit | value |\n|---|---|");
     for (size, (ring, rc)) in [64usize, 1024, 65536].iter().zip(&seal) {
         println!(
@@ -161,7 +164,7 @@ fn seal_limits(cfg: &Cfg) -> Vec<(f64, f64)> {
         let ring_key = ring::aead::LessSafeKey::new(
             ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &key).unwrap(),
         );
-        let ring_rate = rate_for(cfg.secs, |i| {
+        let ring_rate = machine::rate_for(cfg.secs, |i| {
             let mut n = [0u8; 12];
             n[..8].copy_from_slice(&i.to_le_bytes());
             let t = ring_key
@@ -175,7 +178,7 @@ fn seal_limits(cfg: &Cfg) -> Vec<(f64, f64)> {
         });
         let rc = chacha20poly1305::ChaCha20Poly1305::new(&key.into());
         let mut buf2 = vec![1u8; size];
-        let rc_rate = rate_for(cfg.secs, |i| {
+        let rc_rate = machine::rate_for(cfg.secs, |i| {
             let mut n = [0u8; 12];
             n[..8].copy_from_slice(&i.to_le_bytes());
             let nonce = chacha20poly1305::Nonce::try_from(&n[..]).unwrap();
@@ -187,64 +190,6 @@ fn seal_limits(cfg: &Cfg) -> Vec<(f64, f64)> {
         out.push((ring_rate, rc_rate));
     }
     out
-}
-
-/// Calls `f` repeatedly for about `secs`; returns calls per second.
-fn rate_for(secs: f64, mut f: impl FnMut(u64)) -> f64 {
-    let start = Instant::now();
-    let mut i = 0u64;
-    loop {
-        for _ in 0..64 {
-            f(i);
-            i += 1;
-        }
-        let e = start.elapsed().as_secs_f64();
-        if e >= secs {
-            return i as f64 / e;
-        }
-    }
-}
-
-fn fsync_latency(dir: &std::path::Path, n: usize) -> (f64, f64) {
-    let p = dir.join("fsync-probe");
-    let f = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&p)
-        .unwrap();
-    let block = vec![0xabu8; 4096];
-    let mut lat = Vec::with_capacity(n);
-    for i in 0..n {
-        f.write_all_at(&block, (i * 4096) as u64).unwrap();
-        let t = Instant::now();
-        f.sync_data().unwrap();
-        lat.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    std::fs::remove_file(&p).unwrap();
-    lat.sort_by(f64::total_cmp);
-    (lat[n / 2], lat[(n * 99 / 100).min(n - 1)])
-}
-
-fn seq_write_bandwidth(dir: &std::path::Path, total: usize) -> f64 {
-    let p = dir.join("seq-probe");
-    let mut f = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&p)
-        .unwrap();
-    let chunk = vec![0x5au8; 4 << 20];
-    let t = Instant::now();
-    let mut done = 0;
-    while done < total {
-        f.write_all(&chunk).unwrap();
-        f.sync_data().unwrap();
-        done += chunk.len();
-    }
-    let bw = done as f64 / t.elapsed().as_secs_f64();
-    std::fs::remove_file(&p).unwrap();
-    bw
 }
 
 fn append_rate(

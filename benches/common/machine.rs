@@ -1,0 +1,80 @@
+//! The machine's own limits, shared by `benches/report.rs` and the peer-comparison
+//! harness (`benches/peers`), so that both measure them the same way.
+#![allow(dead_code)] // each includer uses its own subset
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Instant;
+
+/// Calls `f` (with a running counter) for about `secs`; returns calls per second.
+pub fn rate_for(secs: f64, mut f: impl FnMut(u64)) -> f64 {
+    let start = Instant::now();
+    let mut i = 0u64;
+    loop {
+        for _ in 0..64 {
+            f(i);
+            i += 1;
+        }
+        let e = start.elapsed().as_secs_f64();
+        if e >= secs {
+            return i as f64 / e;
+        }
+    }
+}
+
+/// fdatasync latency after each of `n` 4 KiB appends to a file in `dir`: (p50, p99) in
+/// seconds.
+pub fn fsync_latency(dir: &Path, n: usize) -> std::io::Result<(f64, f64)> {
+    let path = dir.join("limits-fsync");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)?;
+    let block = vec![0x5au8; 4096];
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        f.write_all_at(&block, (i * 4096) as u64)?;
+        let t = Instant::now();
+        f.sync_data()?;
+        lat.push(t.elapsed().as_secs_f64());
+    }
+    std::fs::remove_file(&path)?;
+    lat.sort_by(f64::total_cmp);
+    Ok((lat[n / 2], lat[(n * 99 / 100).min(n - 1)]))
+}
+
+/// Sequential write bandwidth in bytes/s: `total` bytes in 4 MiB writes, fdatasync
+/// after each.
+pub fn seq_write(dir: &Path, total: usize) -> std::io::Result<f64> {
+    let path = dir.join("limits-seq");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)?;
+    let chunk = vec![0xa5u8; 4 << 20];
+    let t = Instant::now();
+    let mut done = 0;
+    while done < total {
+        f.write_all(&chunk)?;
+        f.sync_data()?;
+        done += chunk.len();
+    }
+    let bw = done as f64 / t.elapsed().as_secs_f64();
+    std::fs::remove_file(&path)?;
+    Ok(bw)
+}
+
+/// memcpy bandwidth between two 64 MiB buffers, bytes/s.
+pub fn memcpy_bandwidth(secs: f64) -> f64 {
+    let src = vec![3u8; 64 << 20];
+    let mut dst = vec![0u8; 64 << 20];
+    let calls = rate_for(secs.max(0.2) / 64.0, |_| {
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&dst);
+    });
+    calls * src.len() as f64
+}
