@@ -18,7 +18,7 @@ use crate::options::{Clock, Options};
 use crate::recovery::{self, RecoveryReport};
 use crate::segment::codec;
 use crate::segment::{Segment, SegmentTable};
-use crate::writer::{Bucket, Writer, WriterConfig};
+use crate::writer::{Bucket, Reservation, Writer, WriterConfig};
 
 /// A message id: unique in the store forever, increasing in append order within a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -353,8 +353,10 @@ impl Store {
                 }
             }
         }
-        // 2. Reserve, seal (outside every lock), submit.
-        let mut placed: Vec<(Arc<Segment>, u64)> = Vec::with_capacity(items.len());
+        // 2. Reserve and seal (outside every lock), then submit the whole batch at once.
+        let mut sealed: Vec<(Reservation, Vec<u8>)> = Vec::with_capacity(items.len());
+        let mut submitted = 0;
+        let mut refused = None;
         for (i, m) in items.iter().enumerate() {
             let (_, id, flen, expires) = &issued[i];
             let bucket = Bucket::for_message(
@@ -363,17 +365,23 @@ impl Store {
                 *expires,
                 o.max_shred_delay.as_millis() as u64,
             );
-            let r = match self
-                .inner
-                .writer
-                .reserve(bucket, *flen, (*expires, now), true)
-            {
+            let w = &self.inner.writer;
+            let times = (*expires, now);
+            let r = match w.try_reserve(bucket, *flen, times, true) {
+                Ok(Some(r)) => Ok(r),
+                // The writer is backlogged: hand it what is sealed (it may be waiting
+                // on those offsets), then wait our turn.
+                Ok(None) => {
+                    submitted += self.submit_sealed(&mut sealed[submitted..]);
+                    w.reserve(bucket, *flen, times, true)
+                }
+                Err(e) => Err(e),
+            };
+            let r = match r {
                 Ok(r) => r,
                 Err(e) => {
-                    // Earlier messages of the batch are already written; keep them.
-                    self.rollback(&issued[i..]);
-                    self.finish(&issued[..i], &placed)?;
-                    return Err(e);
+                    refused = Some(e);
+                    break;
                 }
             };
             let meta = MessageMeta {
@@ -384,12 +392,34 @@ impl Store {
                 queue: m.queue,
             };
             let frame = codec::seal_message(&r.seg.key, r.seg.id, r.offset, &meta, m.payload);
-            self.inner.writer.submit(&r, frame);
-            self.inner.bytes_appended.fetch_add(r.len, Ordering::SeqCst);
-            placed.push((r.seg, r.offset + r.len));
+            sealed.push((r, frame));
+        }
+        // Every reservation made is filled, even when a later one was refused: the
+        // writer writes each segment in offset order and would wait on a hole.
+        self.submit_sealed(&mut sealed[submitted..]);
+        let placed: Vec<(Arc<Segment>, u64)> = sealed
+            .iter()
+            .map(|(r, _)| (Arc::clone(&r.seg), r.offset + r.len))
+            .collect();
+        if let Some(e) = refused {
+            // The messages before the refused one are written; keep them.
+            let n = placed.len();
+            self.rollback(&issued[n..]);
+            self.finish(&issued[..n], &placed)?;
+            return Err(e);
         }
         self.finish(&issued, &placed)?;
         Ok(issued.iter().map(|x| MessageId(x.1)).collect())
+    }
+
+    /// Hands sealed frames to the writer in one go; returns how many.
+    fn submit_sealed(&self, sealed: &mut [(Reservation, Vec<u8>)]) -> usize {
+        let bytes: u64 = sealed.iter().map(|(r, _)| r.len).sum();
+        self.inner
+            .writer
+            .submit_all(sealed.iter_mut().map(|(r, f)| (&*r, std::mem::take(f))));
+        self.inner.bytes_appended.fetch_add(bytes, Ordering::SeqCst);
+        sealed.len()
     }
 
     fn issue(&self, queue: &[u8], flen: u64, expires: u64) -> Result<(Arc<QueueCell>, u64)> {

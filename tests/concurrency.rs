@@ -125,3 +125,61 @@ fn synchronous() {
 fn with_compaction_running() {
     run_with(Durability::default(), Duration::from_millis(100));
 }
+
+/// Batches larger than the writer's backlog limit (64 MiB), from several threads into
+/// the same segment: a thread holding reservations it has not submitted yet must never
+/// wait for the writer (which writes in offset order and would wait on its hole). A
+/// deadlock here fails the test (the watchdog ends the process) instead of hanging CI.
+#[test]
+fn huge_batches_from_several_threads_do_not_deadlock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = Arc::new(FileKeyProvider::create(tmp.path().join("key")).unwrap());
+    let mut o = Options::new(key);
+    o.durability = Durability::Async;
+    o.segment_size = 1 << 30;
+    o.max_queue_len = u64::MAX;
+    o.max_queue_bytes = u64::MAX;
+    let store = Arc::new(Store::open(tmp.path().join("data"), o).unwrap());
+    let payload = vec![7u8; 256 << 10];
+    let finished = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let finished = Arc::clone(&finished);
+        std::thread::spawn(move || {
+            for _ in 0..600 {
+                if finished.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // The appending threads never return: end the whole test process.
+            eprintln!("append_batch deadlocked");
+            std::process::exit(101);
+        })
+    };
+    let threads: Vec<_> = (0..3)
+        .map(|t| {
+            let (store, payload) = (Arc::clone(&store), payload.clone());
+            std::thread::spawn(move || {
+                let q = format!("q{t}");
+                for _ in 0..2 {
+                    let batch: Vec<cinder::NewMessage<'_>> = (0..300)
+                        .map(|_| cinder::NewMessage {
+                            queue: q.as_bytes(),
+                            payload: &payload,
+                            ttl: Duration::from_secs(600),
+                        })
+                        .collect();
+                    assert_eq!(store.append_batch(&batch).unwrap().len(), 300);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    finished.store(true, Ordering::SeqCst);
+    watchdog.join().unwrap();
+    for t in 0..3 {
+        assert_eq!(store.len(format!("q{t}").as_bytes()).unwrap(), 600);
+    }
+}

@@ -75,6 +75,44 @@ fn seq_write_pass(dir: &Path, total: usize) -> std::io::Result<f64> {
     Ok(bw)
 }
 
+/// One commit of `batch` bytes: a sequential write of that size, then fdatasync;
+/// median seconds over `n` commits, the better of a growing file and a preallocated
+/// one (a log that preallocates skips the file-size update in every fdatasync).
+pub fn commit_latency(dir: &Path, batch: usize, n: usize) -> std::io::Result<f64> {
+    let mut best = f64::INFINITY;
+    for prealloc in [false, true] {
+        let path = dir.join("limits-commit");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)?;
+        if prealloc {
+            f.set_len(0)?;
+            // Written zeros, so the blocks exist and are not "unwritten" extents.
+            let zeros = vec![0u8; 4 << 20];
+            let mut at = 0;
+            while at < batch * n {
+                f.write_all_at(&zeros, at as u64)?;
+                at += zeros.len();
+            }
+            f.sync_all()?;
+        }
+        let buf = vec![0x3cu8; batch];
+        let mut lat = Vec::with_capacity(n);
+        for i in 0..n {
+            let t = Instant::now();
+            f.write_all_at(&buf, (i * batch) as u64)?;
+            f.sync_data()?;
+            lat.push(t.elapsed().as_secs_f64());
+        }
+        std::fs::remove_file(&path)?;
+        lat.sort_by(f64::total_cmp);
+        best = best.min(lat[n / 2]);
+    }
+    Ok(best)
+}
+
 /// memcpy bandwidth between two 64 MiB buffers, bytes/s.
 pub fn memcpy_bandwidth(secs: f64) -> f64 {
     let src = vec![3u8; 64 << 20];

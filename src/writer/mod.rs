@@ -207,9 +207,35 @@ impl Writer {
         &self,
         bucket: Bucket,
         len: u64,
-        (expires_at_ms, now_ms): (u64, u64),
+        times: (u64, u64),
         enforce_quota: bool,
     ) -> Result<Reservation> {
+        self.reserve_inner(bucket, len, times, enforce_quota, true)
+            .map(|r| r.expect("a blocking reservation always returns one"))
+    }
+
+    /// Like [`reserve`](Self::reserve), but returns `Ok(None)` instead of waiting for the
+    /// writer to drain its backlog. A caller holding reservations it has not submitted
+    /// yet must use this: the writer writes each segment in offset order, so waiting on
+    /// it while holding a hole could wait forever. Submit, then reserve again.
+    pub fn try_reserve(
+        &self,
+        bucket: Bucket,
+        len: u64,
+        times: (u64, u64),
+        enforce_quota: bool,
+    ) -> Result<Option<Reservation>> {
+        self.reserve_inner(bucket, len, times, enforce_quota, false)
+    }
+
+    fn reserve_inner(
+        &self,
+        bucket: Bucket,
+        len: u64,
+        (expires_at_ms, now_ms): (u64, u64),
+        enforce_quota: bool,
+        block: bool,
+    ) -> Result<Option<Reservation>> {
         loop {
             self.check_failed()?;
             let used = self.disk_used.load(Ordering::SeqCst);
@@ -221,6 +247,9 @@ impl Writer {
                 });
             }
             let mut st = self.state.lock();
+            if !block && st.pending_bytes > MAX_PENDING_BYTES {
+                return Ok(None);
+            }
             while st.pending_bytes > MAX_PENDING_BYTES && self.failed.get().is_none() {
                 self.work.notify_one();
                 self.moved.wait_for(&mut st, Duration::from_millis(50));
@@ -265,11 +294,11 @@ impl Writer {
             a.last_used_ms = now_ms;
             a.seg.add_message(expires_at_ms, now_ms);
             self.disk_used.fetch_add(len, Ordering::SeqCst);
-            return Ok(Reservation {
+            return Ok(Some(Reservation {
                 seg: Arc::clone(&a.seg),
                 offset,
                 len,
-            });
+            }));
         }
     }
 
@@ -303,16 +332,24 @@ impl Writer {
 
     /// Hands a sealed frame to the writer thread.
     pub fn submit(&self, r: &Reservation, frame: Vec<u8>) {
-        debug_assert_eq!(frame.len() as u64, r.len);
+        self.submit_all(std::iter::once((r, frame)));
+    }
+
+    /// Hands several sealed frames to the writer thread under one lock, waking it at
+    /// most once (a batch's frames would otherwise wake it frame by frame).
+    pub fn submit_all<'a>(&self, frames: impl IntoIterator<Item = (&'a Reservation, Vec<u8>)>) {
         let mut st = self.state.lock();
         let was_idle = st.pending_bytes == 0;
-        st.pending_bytes += r.len;
+        for (r, frame) in frames {
+            debug_assert_eq!(frame.len() as u64, r.len);
+            st.pending_bytes += r.len;
+            if let Some(a) = st.actives.get_mut(&r.seg.id) {
+                a.pending.insert(r.offset, frame);
+            }
+        }
         let wake = self.cfg.durability != Durability::Async
             || was_idle
             || st.pending_bytes >= ASYNC_WAKE_BYTES;
-        if let Some(a) = st.actives.get_mut(&r.seg.id) {
-            a.pending.insert(r.offset, frame);
-        }
         if wake {
             self.work.notify_one();
         }
@@ -622,6 +659,11 @@ impl Writer {
         drop(st);
         self.moved.notify_all();
 
+        // Outside Async, every appender waits for its frames to be durable. With no
+        // concurrency to batch (a lone caller), fsync them in this round instead of
+        // waiting for the caller's arrival to start another one.
+        let lone_appender =
+            !is_async && !runs.is_empty() && self.peak_batch.load(Ordering::SeqCst) <= 1;
         for (seg, off, ids) in &ack_frames {
             let f = codec::seal_acks(&seg.key, seg.id, *off, ids);
             runs.push((Arc::clone(seg), *off, vec![f]));
@@ -630,6 +672,7 @@ impl Writer {
         self.moved.notify_all();
 
         let need_sync = batch_waiters > 0
+            || lone_appender
             || (stale_waiters && !ws.unsynced.is_empty())
             || !ack_frames.is_empty() && !is_async
             || (is_async && ws.last_sync.elapsed() >= self.cfg.async_sync_interval)

@@ -18,11 +18,21 @@ pub struct Limits {
     pub fsync_p99: f64,
     /// Bytes/s.
     pub memcpy: f64,
+    /// (payload size, seconds) of one commit of a batch of such messages: the write of
+    /// `batch · (size + 44)` bytes (payload, nonce, tag, key) and an fdatasync, median.
+    pub commit: Vec<(usize, f64)>,
 }
 
 impl Limits {
     pub fn seal_rate(&self, size: usize) -> f64 {
         self.aead
+            .iter()
+            .find(|a| a.0 == size)
+            .map_or(f64::NAN, |a| a.1)
+    }
+
+    pub fn commit_secs(&self, size: usize) -> f64 {
+        self.commit
             .iter()
             .find(|a| a.0 == size)
             .map_or(f64::NAN, |a| a.1)
@@ -36,15 +46,29 @@ impl Limits {
     }
 }
 
-pub fn measure(dir: &Path, sizes: &[usize], secs: f64, quick: bool) -> std::io::Result<Limits> {
+pub fn measure(
+    dir: &Path,
+    sizes: &[usize],
+    batch: usize,
+    secs: f64,
+    quick: bool,
+) -> std::io::Result<Limits> {
     let aead = sizes
         .iter()
         .map(|&s| (s, seal_rate(s, secs), open_rate(s, secs)))
         .collect();
     let (fsync_p50, fsync_p99) = machine::fsync_latency(dir, if quick { 50 } else { 2000 })?;
     let seq_write = machine::seq_write(dir, if quick { 16 << 20 } else { 1 << 30 })?;
+    let commit = sizes
+        .iter()
+        .map(|&s| {
+            let n = if quick { 20 } else { 300 };
+            machine::commit_latency(dir, batch * (s + 44), n).map(|t| (s, t))
+        })
+        .collect::<std::io::Result<_>>()?;
     Ok(Limits {
         aead,
+        commit,
         seq_write,
         fsync_p50,
         fsync_p99,

@@ -154,6 +154,7 @@ fn run() -> R<()> {
     let lim = limits::measure(
         tmp.path(),
         &args.sizes,
+        args.batch,
         if args.quick { 0.05 } else { 1.0 },
         args.quick,
     )?;

@@ -61,7 +61,7 @@ impl Table {
         let n = cfg.messages as f64;
         let (enq_t, drain_t, ack_t) = match mode {
             Mode::Sync => (
-                n * size as f64 / lim.seq_write + c.enqueue_commits as f64 * lim.fsync_p50,
+                c.enqueue_commits as f64 * lim.commit_secs(size),
                 n / lim.open_rate(size),
                 c.ack_commits as f64 * lim.fsync_p50,
             ),
@@ -209,8 +209,15 @@ pub fn limits(l: &Limits) {
         l.fsync_p50 * 1e6,
         l.fsync_p99 * 1e6
     );
-    println!("| memcpy, 64 MiB buffers | {:.1} GB/s |\n", l.memcpy / 1e9);
-    println!("Limits per phase (msgs/s): enqueue with fsync = n / (n·size / seq. write + commits · fsync p50); drain = one core's open rate; ack with fsync = n / (commits · fsync p50); enqueue without fsync = one core's seal rate; a cycle = n / (sum of its phases' limit times); writers = min(seal rate, seq. write / size); mixed = batch / (2 · fsync p50 + batch · size / seq. write).\n");
+    println!("| memcpy, 64 MiB buffers | {:.1} GB/s |", l.memcpy / 1e9);
+    for (s, t) in &l.commit {
+        println!(
+            "| one commit of a batch of {s} B messages (write + fdatasync), median | {:.0} µs |",
+            t * 1e6
+        );
+    }
+    println!();
+    println!("Limits per phase (msgs/s): enqueue with fsync = n / (commits · one measured commit of a batch of that size); drain = one core's open rate; ack with fsync = n / (commits · fsync p50); enqueue without fsync = one core's seal rate; a cycle = n / (sum of its phases' limit times); writers = min(seal rate, seq. write / size); mixed = batch / (2 · fsync p50 + batch · size / seq. write).\n");
 }
 
 pub fn writers_limit(l: &Limits, size: usize) -> f64 {
