@@ -32,6 +32,13 @@ pub enum CorruptionKind {
     },
     /// Segment files exist but the keystore does not.
     MissingKeystore,
+    /// A key audit log record does not chain to the one before it: it, or one before
+    /// it, was edited, removed, inserted or moved.
+    AuditChainBroken { seq: u64 },
+    /// The key audit log holds fewer records than the keystore vouches for, or its record
+    /// at that point hashes differently: records were removed from its end, or it was
+    /// replaced by another log.
+    AuditLogBehindKeystore { records: u64, anchored: u64 },
 }
 
 impl std::fmt::Display for CorruptionKind {
@@ -58,6 +65,14 @@ impl std::fmt::Display for CorruptionKind {
                 "keystore is older than the segments: segment {segment_id} has no key and is not below the keystore's next segment id {next_segment_id}"
             ),
             Self::MissingKeystore => write!(f, "segment files exist but the keystore file is missing"),
+            Self::AuditChainBroken { seq } => write!(
+                f,
+                "key audit log chain broken at record {seq} (a record was edited, removed, inserted or moved)"
+            ),
+            Self::AuditLogBehindKeystore { records, anchored } => write!(
+                f,
+                "key audit log does not match the keystore: it has {records} records, the keystore vouches for {anchored} ending in a hash the log does not have there (records removed or the log replaced)"
+            ),
         }
     }
 }

@@ -36,10 +36,14 @@ mod store;
 mod writer;
 
 pub use audit::{
-    inspect, verify, Finding, InspectReport, KeystoreInfo, QueueSummary, SegmentInfo, VerifyReport,
+    inspect, key_audit_log, key_status, verify, Finding, InspectReport, KeyAuditLog, KeyStatus,
+    KeystoreInfo, MasterKeyStatus, QueueSummary, SegmentInfo, VerifyReport,
 };
 pub use error::{CorruptionKind, Error, Result};
-pub use keys::{FileKeyProvider, KeyProvider};
-pub use options::{Clock, Durability, ManualClock, Options, RecoveryMode, SystemClock};
+pub use format::audit::{AuditEvent, AuditRecord};
+pub use keys::{FileKeyProvider, KeyProvider, RotationReport};
+pub use options::{
+    AutoRotation, Clock, Durability, ManualClock, Options, RecoveryMode, SystemClock,
+};
 pub use recovery::RecoveryReport;
 pub use store::{Message, MessageId, NewMessage, Stats, Store};

@@ -44,6 +44,25 @@ pub enum RecoveryMode {
     Strict,
 }
 
+/// Automatic master-key rotation: every `every`, the background maintenance asks
+/// `next_key` for a new provider (for example a new key file, or a new HSM key) and
+/// rotates to it with [`crate::Store::rotate_master_key`]. The time of the last rotation
+/// comes from the key audit log, so the interval holds across restarts. A failure is
+/// kept in `Stats::last_gc_error` and retried at the next maintenance pass.
+#[derive(Clone)]
+pub struct AutoRotation {
+    pub every: Duration,
+    pub next_key: Arc<dyn Fn() -> crate::Result<Arc<dyn KeyProvider>> + Send + Sync>,
+}
+
+impl std::fmt::Debug for AutoRotation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AutoRotation")
+            .field("every", &self.every)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A source of wall-clock time in milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync + std::fmt::Debug {
     fn now_ms(&self) -> u64;
@@ -90,6 +109,14 @@ impl Clock for ManualClock {
 pub struct Options {
     /// Wraps and unwraps the per-segment data keys.
     pub key_provider: Arc<dyn KeyProvider>,
+    /// The master key before a rotation (default none). A store whose rotation a crash
+    /// interrupted still has its keystore under the old key; given it here, `open`
+    /// opens with it and finishes the rotation to `key_provider`
+    /// (`RecoveryReport::master_key_rotated` says so). Without it, such a store fails
+    /// with `WrongMasterKey`, naming both key ids.
+    pub previous_key_provider: Option<Arc<dyn KeyProvider>>,
+    /// Rotate the master key automatically (default off).
+    pub auto_rotation: Option<AutoRotation>,
     pub durability: Durability,
     /// Size at which a segment is closed and a new one started (default 64 MiB;
     /// 64 KiB ..= 1 GiB). Smaller segments shred sooner; larger ones mean fewer files.
@@ -132,6 +159,8 @@ impl Options {
     pub fn new(key_provider: Arc<dyn KeyProvider>) -> Self {
         Options {
             key_provider,
+            previous_key_provider: None,
+            auto_rotation: None,
             durability: Durability::default(),
             segment_size: 64 << 20,
             max_message_size: 256 << 10,
@@ -176,6 +205,13 @@ impl Options {
             if max_delay > Duration::from_secs(1) {
                 return bad("Group max_delay must be at most 1 s".into());
             }
+        }
+        if self
+            .auto_rotation
+            .as_ref()
+            .is_some_and(|r| r.every < Duration::from_secs(1))
+        {
+            return bad("auto_rotation.every must be at least 1 s".into());
         }
         if self.async_sync_interval.is_zero() || self.async_sync_interval > Duration::from_secs(10)
         {

@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use crate::crypto::{Dek, SealKey};
 use crate::error::{CorruptionKind, Error, Result};
+use crate::format::audit::AuditEvent;
 use crate::format::segment_header::SegmentHeader;
 use crate::fsutil;
+use crate::keys::audit::{KeyAudit, FILE_NAME as AUDIT_FILE};
 use crate::keys::keystore::{KeyStore, FILE_NAME as KEYSTORE_FILE};
 use crate::keys::KeyProvider;
 use crate::options::RecoveryMode;
@@ -45,6 +47,14 @@ pub struct RecoveryReport {
     pub live: u64,
     /// Bytes of segment data scanned.
     pub bytes_scanned: u64,
+    /// Bytes of a torn last record cut from the key audit log (a crash inside an append).
+    pub audit_torn_tail_cut: usize,
+    /// The key audit log was started at this open (a new store, or one written by a
+    /// version without it).
+    pub audit_log_created: bool,
+    /// This open finished a master-key rotation a crash had interrupted: (old KEK id, new
+    /// KEK id). The keystore was under the old key; see `Options::previous_key_provider`.
+    pub master_key_rotated: Option<(u64, u64)>,
 }
 
 /// A live message found on disk.
@@ -63,6 +73,9 @@ pub struct FoundMessage {
 #[derive(Debug)]
 pub struct Recovered {
     pub keystore: KeyStore,
+    pub audit: KeyAudit,
+    /// Time of the last master-key rotation in the audit log (or of its first record).
+    pub last_rotation_ms: Option<u64>,
     pub segments: Vec<Arc<Segment>>,
     pub messages: Vec<FoundMessage>,
     pub next_id: u64,
@@ -109,7 +122,7 @@ fn list_dir(dir: &Path) -> Result<Listing> {
             // An interrupted keystore write: the rename never happened, the old file rules.
             fs::remove_file(entry.path())
                 .map_err(|e| Error::io("remove temp keystore", entry.path(), e))?;
-        } else if name != KEYSTORE_FILE && name != "LOCK" {
+        } else if name != KEYSTORE_FILE && name != AUDIT_FILE && name != "LOCK" {
             l.unknown.push(entry.path());
         }
     }
@@ -182,16 +195,23 @@ pub fn recover(
         ..RecoveryReport::default()
     };
     let mut ks = load_keystore(dir, provider, !listing.segments.is_empty())?;
+    let (mut audit, found) = KeyAudit::open(dir, ks.audit_anchor, mode)?;
+    report.audit_torn_tail_cut = found.torn_tail_cut;
+    report.audit_log_created = found.created;
+    let last_rotation_ms = found.last_rotation_ms;
     let unkeyed = reconcile(&mut ks, &listing.segments, &mut report)?;
     let mut work = Vec::new();
     let mut ids: Vec<u64> = ks.segment_ids().collect();
     ids.sort_unstable();
+    let mut events = Vec::with_capacity(ids.len());
     for id in ids {
         let dek = ks
             .unwrap_key(id, provider)?
             .ok_or_else(|| Error::corruption(ks.path(), 0, CorruptionKind::AuthenticationFailed))?;
+        events.push((AuditEvent::DekUnwrapped, id, ks.kek_of(id).unwrap_or(0)));
         work.push((id, listing.segments[&id].clone(), dek, ks.sealed_len(id)));
     }
+    audit.append(&events, now_ms)?;
     let scanned = scan_all(work, mode)?;
     let (segments, messages, max_id) =
         rebuild(scanned, &mut ks, &mut report, (now_ms, max_shred_delay_ms));
@@ -201,6 +221,7 @@ pub fn recover(
         .saturating_add(ID_SKIP_ON_OPEN);
     ks.id_floor = next_id;
     ks.time_floor_ms = ks.time_floor_ms.max(now_ms);
+    ks.audit_anchor = Some(audit.anchor());
     ks.persist(provider)?;
     // Keys of these are gone already: finish the interrupted shreds.
     for p in &unkeyed {
@@ -212,6 +233,8 @@ pub fn recover(
     report.deleted_unkeyed = unkeyed;
     Ok(Recovered {
         keystore: ks,
+        audit,
+        last_rotation_ms,
         segments,
         messages,
         next_id,

@@ -122,6 +122,8 @@ pub(crate) struct Inner {
     pub last_gc_error: Mutex<Option<String>>,
     closed: AtomicBool,
     report: RecoveryReport,
+    /// When the master key was last rotated (or the store created), ms.
+    pub last_rotation_ms: AtomicU64,
     maint_shard: Mutex<usize>,
     lock: Mutex<Option<DirLock>>,
 }
@@ -205,22 +207,21 @@ impl Store {
         }
         let lock = DirLock::acquire(&dir)?;
         let clock = Arc::clone(&opts.clock);
-        let rec = recovery::recover(
-            &dir,
-            &*opts.key_provider,
-            opts.recovery,
-            clock.now_ms(),
-            opts.max_shred_delay.as_millis() as u64,
-        )?;
+        let (mut rec, provider) = recover_with_keys(&dir, &opts)?;
         let time_floor_ms = rec.keystore.time_floor_ms;
         let next_id = Arc::new(AtomicU64::new(rec.next_id));
+        let last_rotation_ms = rec.last_rotation_ms.unwrap_or_else(|| clock.now_ms());
         let keyring = Arc::new(Keyring::new(
             &dir,
-            rec.keystore,
-            Arc::clone(&opts.key_provider),
+            (rec.keystore, rec.audit),
+            Arc::clone(&provider),
             Arc::clone(&next_id),
             Arc::clone(&clock),
         ));
+        if provider.kek_id() != opts.key_provider.kek_id() {
+            let r = keyring.rotate(Arc::clone(&opts.key_provider))?;
+            rec.report.master_key_rotated = Some((r.old_kek_id, r.new_kek_id));
+        }
         let segments = Arc::new(SegmentTable::default());
         for s in rec.segments {
             segments.insert(s);
@@ -263,6 +264,7 @@ impl Store {
             last_gc_error: Mutex::new(None),
             closed: AtomicBool::new(false),
             report: rec.report,
+            last_rotation_ms: AtomicU64::new(last_rotation_ms),
             maint_shard: Mutex::new(0),
             lock: Mutex::new(Some(lock)),
             opts,
@@ -301,6 +303,31 @@ impl Store {
             return Err(Error::Closed);
         }
         Ok(())
+    }
+
+    /// Rotates the master key without downtime: every live data key is re-wrapped under
+    /// `new` and the keystore is rewritten under it in one atomic rename; appends, reads
+    /// and acks go on meanwhile (only segment creation and shredding wait). Data keys
+    /// never change, so no segment is rewritten. A crash leaves a store that opens with
+    /// the old key, or with the new one given the old as
+    /// [`Options::previous_key_provider`] (which then finishes the rotation). The key
+    /// audit log records each re-wrap and the rotation.
+    pub fn rotate_master_key(
+        &self,
+        new: Arc<dyn crate::keys::KeyProvider>,
+    ) -> Result<crate::keys::RotationReport> {
+        self.check_open()?;
+        check_key_location(&self.inner, &*new)?;
+        let r = self.inner.keyring.rotate(new)?;
+        self.inner
+            .last_rotation_ms
+            .store(self.inner.now_ms(), Ordering::SeqCst);
+        Ok(r)
+    }
+
+    /// The id (public fingerprint) of the master key currently wrapping the data keys.
+    pub fn master_key_id(&self) -> u64 {
+        self.inner.keyring.kek_id()
     }
 
     /// What recovery found when this store was opened.
@@ -847,4 +874,44 @@ fn prefetch(found: &[(u64, Slot, Arc<Segment>)]) {
         }
     }
     std::hint::black_box(acc);
+}
+
+/// Refuses a key file inside the data dir (a thief of the dir would get the key too),
+/// unless `Options::allow_key_in_data_dir`.
+pub(crate) fn check_key_location(inner: &Inner, p: &dyn crate::keys::KeyProvider) -> Result<()> {
+    if let Some(kf) = p.key_file() {
+        let kf = kf.canonicalize().unwrap_or_else(|_| kf.to_path_buf());
+        if kf.starts_with(&inner.dir) && !inner.opts.allow_key_in_data_dir {
+            return Err(Error::KeyFileInsideDataDir { path: kf });
+        }
+    }
+    Ok(())
+}
+
+/// Recovers `dir` with the master key, or, when the keystore is still under the
+/// previous key (a rotation a crash interrupted), with `previous_key_provider`. Returns
+/// the provider the keystore opened with; the caller finishes the rotation.
+fn recover_with_keys(
+    dir: &Path,
+    opts: &Options,
+) -> Result<(recovery::Recovered, Arc<dyn crate::keys::KeyProvider>)> {
+    let recover = |p: &dyn crate::keys::KeyProvider| {
+        recovery::recover(
+            dir,
+            p,
+            opts.recovery,
+            opts.clock.now_ms(),
+            opts.max_shred_delay.as_millis() as u64,
+        )
+    };
+    match recover(&*opts.key_provider) {
+        Err(Error::WrongMasterKey { expected, .. }) => match &opts.previous_key_provider {
+            Some(prev) if prev.kek_id() == expected => Ok((recover(&**prev)?, Arc::clone(prev))),
+            _ => Err(Error::WrongMasterKey {
+                expected,
+                got: opts.key_provider.kek_id(),
+            }),
+        },
+        r => Ok((r?, Arc::clone(&opts.key_provider))),
+    }
 }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cinder::format::{FORMAT_VERSION, MIN_READ_VERSION};
 use cinder::{
     Durability, Error, FileKeyProvider, KeyProvider, ManualClock, MessageId, NewMessage, Options,
     Store,
@@ -485,12 +486,19 @@ fn keystore_of_another_version_is_unsupported_version() {
     let expected = seed(&store);
     drop(store);
     let keys = env.dir.canonicalize().unwrap().join("KEYS");
-    let original = set_version(&keys, 8, 44, 3);
+    let newer = FORMAT_VERSION + 1;
+    let original = set_version(&keys, 8, 44, newer);
     let err = Store::open(&env.dir, env.opts()).unwrap_err();
     assert!(
-        matches!(&err, Error::UnsupportedVersion { file, expected: 2, got: 3 } if *file == keys),
+        matches!(&err, Error::UnsupportedVersion { file, expected: FORMAT_VERSION, got } if *file == keys && *got == newer),
         "{err:?}"
     );
+    // Older than the oldest version read: refused too.
+    set_version(&keys, 8, 44, MIN_READ_VERSION - 1);
+    assert!(matches!(
+        Store::open(&env.dir, env.opts()),
+        Err(Error::UnsupportedVersion { .. })
+    ));
     fs::write(&keys, &original).unwrap();
     assert_intact(&env.open(), &expected);
 }
@@ -509,10 +517,11 @@ fn segment_of_another_version_is_unsupported_version() {
         .collect();
     segs.sort();
     let seg = segs.first().expect("a segment file").clone();
-    let original = set_version(&seg, 8, 60, 3);
+    let newer = FORMAT_VERSION + 1;
+    let original = set_version(&seg, 8, 60, newer);
     let err = Store::open(&env.dir, env.opts()).unwrap_err();
     assert!(
-        matches!(&err, Error::UnsupportedVersion { file, expected: 2, got: 3 } if *file == seg),
+        matches!(&err, Error::UnsupportedVersion { file, expected: FORMAT_VERSION, got } if *file == seg && *got == newer),
         "{err:?}"
     );
     fs::write(&seg, &original).unwrap();

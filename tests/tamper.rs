@@ -31,8 +31,8 @@ const SEGMENT_HEADER_CRC_AT: u64 = 60;
 const SEGMENT_ID_AT: u64 = 16;
 const KEYSTORE_HEADER_LEN: usize = 48;
 const KEYSTORE_HEADER_CRC_AT: u64 = 44;
-/// Sealed meta block of the keystore: 16 bytes of plaintext + a 16-byte tag.
-const KEYSTORE_META_SEALED_LEN: usize = 32;
+/// Sealed meta block of the keystore: 56 bytes of plaintext + a 16-byte tag.
+const KEYSTORE_META_SEALED_LEN: usize = cinder::format::keystore::META_SEALED_LEN;
 const QUEUES: usize = 4;
 const MESSAGES: usize = 320;
 /// Equal payload and queue-id lengths make every message frame the same length, so frames

@@ -4,6 +4,7 @@
 //! written has a tail "in flight", which is reported as a note, not as corruption.
 
 mod inspect;
+mod keys;
 mod verify;
 
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 pub use inspect::{inspect, InspectReport, KeystoreInfo, QueueSummary, SegmentInfo};
+pub use keys::{key_audit_log, key_status, KeyAuditLog, KeyStatus, MasterKeyStatus};
 pub use verify::{verify, Finding, VerifyReport};
 
 use crate::error::{Error, Result};
@@ -39,7 +41,7 @@ pub(crate) fn list(dir: &Path) -> Result<Listing> {
             l.segments.insert(id, path);
         } else if name == KEYSTORE_FILE {
             l.keystore = Some(path);
-        } else if name == "LOCK" {
+        } else if name == "LOCK" || name == crate::keys::audit::FILE_NAME {
         } else if name == format!("{KEYSTORE_FILE}.tmp")
             || name
                 .strip_suffix(".tmp")

@@ -127,6 +127,7 @@ pub fn verify(dir: &Path, provider: &dyn KeyProvider) -> Result<VerifyReport> {
         }
         Err(e) => return Err(e),
     };
+    check_audit_log(&mut cx, dir, ks.as_ref());
     if let Some(ks) = &ks {
         for id in ks.segment_ids() {
             if !listing.segments.contains_key(&id) {
@@ -281,5 +282,70 @@ fn check_tail(cx: &mut Ctx, path: &Path, walk: &scan::SegmentScan, sealed_len: u
             Some(walk.end as u64),
             "zeros after the seal (a truncation interrupted by a crash; recovery cuts them)",
         );
+    }
+}
+
+/// The key audit log: every record chains to the one before, and the log reaches the
+/// point the (authenticated) keystore vouches for.
+fn check_audit_log(cx: &mut Ctx, dir: &Path, ks: Option<&KeyStore>) {
+    use crate::format::audit::{decode_log, HEADER_LEN, RECORD_LEN};
+    let path = crate::keys::audit::KeyAudit::path_in(dir);
+    let anchor = ks.and_then(|k| k.audit_anchor);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match anchor {
+                Some((n, _)) if n > 0 => cx.problem(
+                    &path,
+                    None,
+                    format!("key audit log missing; the keystore vouches for {n} records"),
+                ),
+                _ => cx.note(
+                    &path,
+                    None,
+                    "no key audit log yet (the next open starts it)",
+                ),
+            }
+            return;
+        }
+        Err(e) => {
+            cx.problem(&path, None, format!("cannot read the key audit log: {e}"));
+            return;
+        }
+    };
+    let log = match decode_log(&bytes) {
+        Ok(l) => l,
+        Err(e) => {
+            let Error::Corruption { offset, kind, .. } = e.into_error(&path, 0) else {
+                cx.problem(&path, Some(8), "key audit log of an unknown version");
+                return;
+            };
+            cx.problem(&path, Some(offset), kind.to_string());
+            return;
+        }
+    };
+    let records = log.records.len() as u64;
+    if log.torn_tail > 0 {
+        cx.note(
+            &path,
+            Some(HEADER_LEN as u64 + records * RECORD_LEN as u64),
+            format!(
+                "torn last record ({} bytes) of an interrupted append (recovery cuts it)",
+                log.torn_tail
+            ),
+        );
+    }
+    if let Some(a @ (n, _)) = anchor {
+        if !log.reaches(a) {
+            cx.problem(
+                &path,
+                None,
+                CorruptionKind::AuditLogBehindKeystore {
+                    records,
+                    anchored: n,
+                }
+                .to_string(),
+            );
+        }
     }
 }

@@ -18,8 +18,11 @@ const CRC_AT: usize = 44;
 /// Fixed bytes of an entry before its wrapped key: segment id, dek id, kek id, sealed
 /// length, wrapped-key length.
 pub const ENTRY_FIXED: usize = 34;
-/// Plaintext of the sealed meta block: id floor and time floor.
-pub const META_PLAIN_LEN: usize = 16;
+/// Plaintext of the sealed meta block: id floor, time floor, and the key audit log's
+/// anchor (record count, last record's hash).
+pub const META_PLAIN_LEN: usize = 56;
+/// The meta block's plaintext in format version 2 (no audit anchor).
+pub const META_PLAIN_LEN_V2: usize = 16;
 /// Sealed meta block: plaintext plus tag.
 pub const META_SEALED_LEN: usize = META_PLAIN_LEN + super::frame::TAG_LEN;
 /// Largest wrapped key accepted (an HSM may wrap with more overhead than the file provider).
@@ -41,13 +44,25 @@ pub struct KeyEntry {
 /// A decoded keystore file; the meta block is still sealed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeystoreImage {
+    /// The format version it was written in (`FORMAT_VERSION` for new images).
+    pub version: u32,
     pub generation: u64,
     pub next_segment_id: u64,
     pub kek_id: u64,
     pub entries: Vec<KeyEntry>,
     /// The meta block's one-time key, wrapped by the provider.
     pub meta_wrapped_key: Vec<u8>,
-    pub meta_sealed: [u8; META_SEALED_LEN],
+    /// Sealed plaintext and tag: `meta_sealed_len(version)` bytes.
+    pub meta_sealed: Vec<u8>,
+}
+
+/// Length of the sealed meta block in a keystore of format `version`.
+pub fn meta_sealed_len(version: u32) -> usize {
+    if version <= 2 {
+        META_PLAIN_LEN_V2 + super::frame::TAG_LEN
+    } else {
+        META_SEALED_LEN
+    }
 }
 
 impl KeystoreImage {
@@ -73,7 +88,7 @@ impl KeystoreImage {
     fn header(&self, body_len: u32) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[..8].copy_from_slice(&MAGIC);
-        b[VERSION_AT..VERSION_AT + 4].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[VERSION_AT..VERSION_AT + 4].copy_from_slice(&self.version.to_le_bytes());
         b[COUNT_AT..COUNT_AT + 4].copy_from_slice(&(self.entries.len() as u32).to_le_bytes());
         b[GENERATION_AT..GENERATION_AT + 8].copy_from_slice(&self.generation.to_le_bytes());
         b[NEXT_SEGMENT_AT..NEXT_SEGMENT_AT + 8]
@@ -83,7 +98,13 @@ impl KeystoreImage {
         b
     }
 
+    /// Encodes the image. Only current-version images are written.
     pub fn encode(&self) -> Vec<u8> {
+        assert_eq!(
+            self.version, FORMAT_VERSION,
+            "only the current format is written"
+        );
+        assert_eq!(self.meta_sealed.len(), META_SEALED_LEN);
         let mut body = Vec::new();
         self.encode_entries(&mut body);
         body.extend_from_slice(&(self.meta_wrapped_key.len() as u16).to_le_bytes());
@@ -100,7 +121,8 @@ impl KeystoreImage {
 
     /// Decodes a keystore file. Every length is validated before it is used.
     pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
-        check_preamble(buf, MAGIC, HEADER_LEN, CRC_AT)?;
+        let version = check_preamble(buf, MAGIC, HEADER_LEN, CRC_AT)?;
+        let meta_len = meta_sealed_len(version);
         let count = get_u32(buf, COUNT_AT) as usize;
         if count > MAX_ENTRIES {
             return Err(FormatError::at(
@@ -144,11 +166,10 @@ impl KeystoreImage {
         need(body, at, 2).map_err(|e| e.shifted(HEADER_LEN))?;
         let mlen = get_u16(body, at) as usize;
         check_wrapped_len(mlen, HEADER_LEN + at)?;
-        need(body, at + 2, mlen + META_SEALED_LEN).map_err(|e| e.shifted(HEADER_LEN))?;
+        need(body, at + 2, mlen + meta_len).map_err(|e| e.shifted(HEADER_LEN))?;
         let meta_wrapped_key = body[at + 2..at + 2 + mlen].to_vec();
-        let mut meta_sealed = [0u8; META_SEALED_LEN];
-        meta_sealed.copy_from_slice(&body[at + 2 + mlen..at + 2 + mlen + META_SEALED_LEN]);
-        at += 2 + mlen + META_SEALED_LEN;
+        let meta_sealed = body[at + 2 + mlen..at + 2 + mlen + meta_len].to_vec();
+        at += 2 + mlen + meta_len;
         if at != crc_at {
             return Err(FormatError::at(
                 HEADER_LEN + at,
@@ -159,6 +180,7 @@ impl KeystoreImage {
             ));
         }
         Ok(KeystoreImage {
+            version,
             generation: get_u64(buf, GENERATION_AT),
             next_segment_id: get_u64(buf, NEXT_SEGMENT_AT),
             kek_id: get_u64(buf, KEK_ID_AT),
@@ -182,17 +204,41 @@ fn check_wrapped_len(len: usize, at: usize) -> Result<(), FormatError> {
     Ok(())
 }
 
-/// Encodes the meta block's plaintext.
-pub fn encode_meta(id_floor: u64, time_floor_ms: u64) -> [u8; META_PLAIN_LEN] {
+/// What the sealed meta block holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeystoreMeta {
+    /// Every message id ever issued is below this or inside a live segment.
+    pub id_floor: u64,
+    /// The latest clock reading persisted.
+    pub time_floor_ms: u64,
+    /// The key audit log had this many records, the last one hashing to `audit_head`,
+    /// when the keystore was written (`None` in a version-2 keystore).
+    pub audit: Option<(u64, [u8; 32])>,
+}
+
+/// Encodes the meta block's plaintext (current version).
+pub fn encode_meta(m: &KeystoreMeta) -> [u8; META_PLAIN_LEN] {
     let mut b = [0u8; META_PLAIN_LEN];
-    b[..8].copy_from_slice(&id_floor.to_le_bytes());
-    b[8..].copy_from_slice(&time_floor_ms.to_le_bytes());
+    b[..8].copy_from_slice(&m.id_floor.to_le_bytes());
+    b[8..16].copy_from_slice(&m.time_floor_ms.to_le_bytes());
+    let (count, head) = m.audit.unwrap_or((0, [0; 32]));
+    b[16..24].copy_from_slice(&count.to_le_bytes());
+    b[24..].copy_from_slice(&head);
     b
 }
 
-/// Decodes the meta block's plaintext: (id floor, time floor).
-pub fn decode_meta(b: &[u8; META_PLAIN_LEN]) -> (u64, u64) {
-    (get_u64(b, 0), get_u64(b, 8))
+/// Decodes the meta block's plaintext: 56 bytes (version 3) or 16 (version 2).
+pub fn decode_meta(b: &[u8]) -> KeystoreMeta {
+    let audit = (b.len() >= META_PLAIN_LEN).then(|| {
+        let mut head = [0u8; 32];
+        head.copy_from_slice(&b[24..56]);
+        (get_u64(b, 16), head)
+    });
+    KeystoreMeta {
+        id_floor: get_u64(b, 0),
+        time_floor_ms: get_u64(b, 8),
+        audit,
+    }
 }
 
 #[cfg(test)]
@@ -201,6 +247,7 @@ mod tests {
 
     fn sample() -> KeystoreImage {
         KeystoreImage {
+            version: FORMAT_VERSION,
             generation: 3,
             next_segment_id: 10,
             kek_id: 77,
@@ -221,7 +268,7 @@ mod tests {
                 },
             ],
             meta_wrapped_key: vec![3; 72],
-            meta_sealed: [4; META_SEALED_LEN],
+            meta_sealed: vec![4; META_SEALED_LEN],
         }
     }
 
@@ -249,6 +296,33 @@ mod tests {
 
     #[test]
     fn meta_round_trip() {
-        assert_eq!(decode_meta(&encode_meta(5, 6)), (5, 6));
+        let m = KeystoreMeta {
+            id_floor: 5,
+            time_floor_ms: 6,
+            audit: Some((7, [8; 32])),
+        };
+        assert_eq!(decode_meta(&encode_meta(&m)), m);
+        let v2 = decode_meta(&encode_meta(&m)[..META_PLAIN_LEN_V2]);
+        assert_eq!((v2.id_floor, v2.time_floor_ms, v2.audit), (5, 6, None));
+    }
+
+    #[test]
+    fn a_version_2_keystore_still_decodes() {
+        // Version 2: 16-byte meta plaintext. Build one by hand from a current image.
+        let mut k = sample();
+        k.meta_sealed.truncate(META_PLAIN_LEN_V2 + 16);
+        let mut body = Vec::new();
+        k.encode_entries(&mut body);
+        body.extend_from_slice(&(k.meta_wrapped_key.len() as u16).to_le_bytes());
+        body.extend_from_slice(&k.meta_wrapped_key);
+        body.extend_from_slice(&k.meta_sealed);
+        let crc = crc32fast::hash(&body);
+        body.extend_from_slice(&crc.to_le_bytes());
+        k.version = 2;
+        let mut out = k.header(body.len() as u32).to_vec();
+        let hcrc = crc32fast::hash(&out[..CRC_AT]);
+        out[CRC_AT..].copy_from_slice(&hcrc.to_le_bytes());
+        out.extend_from_slice(&body);
+        assert_eq!(KeystoreImage::decode(&out).unwrap(), k);
     }
 }

@@ -2,14 +2,18 @@
 //! this is what the fuzz targets hit. `engine-format.md` documents each layout; the
 //! `doc_consts` test below checks that the documented sizes match these constants.
 
+pub mod audit;
 pub mod frame;
 pub mod keystore;
 pub mod segment_header;
 
 use crate::error::CorruptionKind;
 
-/// The on-disk format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+/// The on-disk format version this build writes. Version 3 added the key audit log's
+/// anchor to the keystore's sealed meta block; segments are the same as in version 2.
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest format version this build still reads (and rewrites as the current one).
+pub const MIN_READ_VERSION: u32 = 2;
 
 /// A decode failure, relative to the start of the decoded buffer.
 /// Callers add the file name and absolute offset to make an [`crate::Error::Corruption`].
@@ -83,26 +87,27 @@ pub(crate) fn need(buf: &[u8], at: usize, len: usize) -> Result<(), FormatError>
 }
 
 /// Checks the preamble every file header shares: length, magic (bytes 0..8), a CRC-32 of
-/// bytes `0..crc_at` stored at `crc_at`, and the format version at bytes 8..12.
+/// bytes `0..crc_at` stored at `crc_at`, and the format version at bytes 8..12, which must
+/// be one this build reads. Returns the version.
 pub(crate) fn check_preamble(
     buf: &[u8],
     magic: [u8; 8],
     len: usize,
     crc_at: usize,
-) -> Result<(), FormatError> {
+) -> Result<u32, FormatError> {
     need(buf, 0, len)?;
     if buf[..8] != magic {
         return Err(FormatError::at(0, CorruptionKind::BadMagic));
     }
     check_crc(&buf[..crc_at], get_u32(buf, crc_at), crc_at)?;
     let version = get_u32(buf, 8);
-    if version != FORMAT_VERSION {
+    if !(MIN_READ_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(FormatError::Version {
             expected: FORMAT_VERSION,
             got: version,
         });
     }
-    Ok(())
+    Ok(version)
 }
 
 pub(crate) fn check_crc(buf: &[u8], stored: u32, at: usize) -> Result<(), FormatError> {
@@ -170,5 +175,6 @@ mod doc_consts {
             keystore::META_PLAIN_LEN as u64
         );
         assert_eq!(documented("AAD_LEN"), frame::AAD_LEN as u64);
+        assert_eq!(documented("AUDIT_RECORD_LEN"), audit::RECORD_LEN as u64);
     }
 }

@@ -93,7 +93,24 @@ pub fn maintain(inner: &Inner, next_shard: &mut usize, shards: usize) -> Result<
         *next_shard = (*next_shard + 1) % crate::index::Index::shard_count();
     }
     inner.drop_expired(&expired);
+    rotate_if_due(inner, now)?;
     shred_dead(inner, now)
+}
+
+/// Automatic master-key rotation (`Options::auto_rotation`), when its interval is up.
+fn rotate_if_due(inner: &Inner, now: u64) -> Result<()> {
+    let Some(r) = &inner.opts.auto_rotation else {
+        return Ok(());
+    };
+    let last = inner.last_rotation_ms.load(Ordering::SeqCst);
+    if now < last.saturating_add(r.every.as_millis() as u64) {
+        return Ok(());
+    }
+    let new = (r.next_key)()?;
+    crate::store::check_key_location(inner, &*new)?;
+    inner.keyring.rotate(new)?;
+    inner.last_rotation_ms.store(now, Ordering::SeqCst);
+    Ok(())
 }
 
 /// Shreds every closed segment whose records are all dead and whose ack records no

@@ -5,21 +5,31 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
+use super::audit::{Event, KeyAudit};
 use super::keystore::KeyStore;
 use super::KeyProvider;
 use crate::crypto::Dek;
 use crate::error::Result;
+use crate::format::audit::AuditEvent;
 use crate::options::Clock;
 use crate::segment::Segment;
+
+/// The keystore and the audit log of its changes, changed together.
+#[derive(Debug)]
+struct KeyState {
+    ks: KeyStore,
+    audit: KeyAudit,
+}
 
 /// Serialises every keystore change; held across keystore I/O, never by hot paths.
 #[derive(Debug)]
 pub struct Keyring {
     dir: PathBuf,
-    store: Mutex<KeyStore>,
-    provider: Arc<dyn KeyProvider>,
+    store: Mutex<KeyState>,
+    /// Replaced by a master-key rotation (under the `store` lock).
+    provider: RwLock<Arc<dyn KeyProvider>>,
     next_id: Arc<AtomicU64>,
     clock: Arc<dyn Clock>,
 }
@@ -27,44 +37,53 @@ pub struct Keyring {
 impl Keyring {
     pub fn new(
         dir: &Path,
-        store: KeyStore,
+        (ks, audit): (KeyStore, KeyAudit),
         provider: Arc<dyn KeyProvider>,
         next_id: Arc<AtomicU64>,
         clock: Arc<dyn Clock>,
     ) -> Self {
         Keyring {
             dir: dir.to_path_buf(),
-            store: Mutex::new(store),
-            provider,
+            store: Mutex::new(KeyState { ks, audit }),
+            provider: RwLock::new(provider),
             next_id,
             clock,
         }
     }
 
-    fn persist(&self, ks: &mut KeyStore) -> Result<()> {
+    /// Records `events` in the audit log, then persists the keystore vouching for them
+    /// (a crash between the two leaves records the keystore does not vouch for yet,
+    /// which is allowed; never the reverse).
+    fn persist(&self, st: &mut KeyState, events: &[Event]) -> Result<()> {
+        let now = self.clock.now_ms();
+        st.audit.append(events, now)?;
+        let ks = &mut st.ks;
         ks.id_floor = ks.id_floor.max(self.next_id.load(Ordering::SeqCst));
-        ks.time_floor_ms = ks.time_floor_ms.max(self.clock.now_ms());
-        ks.persist(&*self.provider)
+        ks.time_floor_ms = ks.time_floor_ms.max(now);
+        ks.audit_anchor = Some(st.audit.anchor());
+        ks.persist(&**self.provider.read())
     }
 
     /// Creates a new segment: fresh random key, wrapped and persisted in the keystore
     /// *before* the file exists (so a crash never leaves a file without its key unless the
     /// key was shredded).
     pub fn create_segment(&self, prealloc: u64) -> Result<Segment> {
-        let mut ks = self.store.lock();
-        let id = ks.allocate_segment_id();
+        let mut st = self.store.lock();
+        let id = st.ks.allocate_segment_id();
         let dek = Dek::generate()?;
-        ks.add(id, &dek, &*self.provider)?;
-        if let Err(e) = self.persist(&mut ks) {
-            ks.remove(id);
+        let provider = Arc::clone(&self.provider.read());
+        let kek = provider.kek_id();
+        st.ks.add(id, &dek, &*provider)?;
+        if let Err(e) = self.persist(&mut st, &[(AuditEvent::DekCreated, id, kek)]) {
+            st.ks.remove(id);
             return Err(e);
         }
-        match Segment::create(&self.dir, id, &dek, self.provider.kek_id(), prealloc) {
+        match Segment::create(&self.dir, id, &dek, kek, prealloc) {
             Ok(s) => Ok(s),
             Err(e) => {
                 // The key now has no file; drop it (best effort: recovery drops it too).
-                ks.remove(id);
-                let _ = self.persist(&mut ks);
+                st.ks.remove(id);
+                let _ = self.persist(&mut st, &[(AuditEvent::DekShredded, id, kek)]);
                 Err(e)
             }
         }
@@ -74,30 +93,86 @@ impl Keyring {
     /// no copy of those keys exists on disk (in the live keystore); the caller then
     /// unlinks the files.
     pub fn shred(&self, ids: &[u64]) -> Result<()> {
-        let mut ks = self.store.lock();
-        let removed: Vec<u64> = ids.iter().copied().filter(|&id| ks.remove(id)).collect();
-        if removed.is_empty() {
+        let mut st = self.store.lock();
+        let events: Vec<Event> = ids
+            .iter()
+            .filter_map(|&id| {
+                st.ks
+                    .remove(id)
+                    .map(|kek| (AuditEvent::DekShredded, id, kek))
+            })
+            .collect();
+        if events.is_empty() {
             return Ok(());
         }
-        self.persist(&mut ks)
+        self.persist(&mut st, &events)
     }
 
     /// Records the final lengths of sealed segments, durably.
     pub fn mark_sealed(&self, sealed: &[(u64, u64)]) -> Result<()> {
-        let mut ks = self.store.lock();
+        let mut st = self.store.lock();
         for &(id, len) in sealed {
-            ks.mark_sealed(id, len);
+            st.ks.mark_sealed(id, len);
         }
-        self.persist(&mut ks)
+        self.persist(&mut st, &[])
     }
 
     /// Persists the keystore (floors updated).
     pub fn flush(&self) -> Result<()> {
-        let mut ks = self.store.lock();
-        self.persist(&mut ks)
+        let mut st = self.store.lock();
+        self.persist(&mut st, &[])
+    }
+
+    /// Rotates the master key: re-wraps every live data key under `new` and persists
+    /// the keystore under it. The keystore is replaced by one rename, so a crash leaves
+    /// either the old keystore (opens with the old key, or with the new one given the
+    /// old as `previous_key_provider`) or the new one. The audit log records every
+    /// re-wrap and the rotation before the keystore is written.
+    pub fn rotate(&self, new: Arc<dyn KeyProvider>) -> Result<RotationReport> {
+        let mut st = self.store.lock();
+        let old = Arc::clone(&self.provider.read());
+        let (old_id, new_id) = (old.kek_id(), new.kek_id());
+        if old_id == new_id {
+            return Err(crate::Error::InvalidOptions(
+                "the new master key is the current one".into(),
+            ));
+        }
+        let before = st.ks.clone_entries();
+        let ids = st.ks.rewrap_all(&*old, &*new)?;
+        let mut events: Vec<Event> = ids
+            .iter()
+            .map(|&id| (AuditEvent::DekRewrapped, id, new_id))
+            .collect();
+        events.push((AuditEvent::MasterKeyRotated, new_id, old_id));
+        *self.provider.write() = new;
+        if let Err(e) = self.persist(&mut st, &events) {
+            // The rename did not happen (or is not known durable): keep the old key.
+            st.ks.restore_entries(before);
+            *self.provider.write() = old;
+            return Err(e);
+        }
+        Ok(RotationReport {
+            old_kek_id: old_id,
+            new_kek_id: new_id,
+            rewrapped: ids.len(),
+        })
+    }
+
+    /// The current provider's KEK id.
+    pub fn kek_id(&self) -> u64 {
+        self.provider.read().kek_id()
     }
 
     pub fn live_keys(&self) -> usize {
-        self.store.lock().len()
+        self.store.lock().ks.len()
     }
+}
+
+/// What a master-key rotation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RotationReport {
+    pub old_kek_id: u64,
+    pub new_kek_id: u64,
+    /// Live data keys re-wrapped.
+    pub rewrapped: usize,
 }

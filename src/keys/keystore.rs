@@ -10,8 +10,9 @@ use super::KeyProvider;
 use crate::crypto::{Dek, SealKey, TAG_LEN};
 use crate::error::{CorruptionKind, Error, Result};
 use crate::format::keystore::{
-    self as fmt, KeyEntry, KeystoreImage, META_PLAIN_LEN, META_SEALED_LEN,
+    self as fmt, KeyEntry, KeystoreImage, KeystoreMeta, META_PLAIN_LEN, META_SEALED_LEN,
 };
+use crate::format::FORMAT_VERSION;
 use crate::fsutil;
 
 /// File name of the keystore inside the data dir.
@@ -28,6 +29,9 @@ pub struct KeyStore {
     pub id_floor: u64,
     /// The latest clock reading persisted (expiry never goes backwards past it).
     pub time_floor_ms: u64,
+    /// The key audit log's (record count, last hash) this keystore vouches for: read at
+    /// load (`None` from a version-2 keystore), set by the keyring before each persist.
+    pub audit_anchor: Option<(u64, [u8; 32])>,
 }
 
 fn dek_context(segment_id: u64, dek_id: u64) -> [u8; 26] {
@@ -54,6 +58,7 @@ impl KeyStore {
             entries: BTreeMap::new(),
             id_floor: 1,
             time_floor_ms: 0,
+            audit_anchor: None,
         }
     }
 
@@ -73,20 +78,20 @@ impl KeyStore {
                 got: provider.kek_id(),
             });
         }
-        let meta_at = bytes.len() - 4 - META_SEALED_LEN;
+        let meta_at = bytes.len() - 4 - img.meta_sealed.len();
         let auth =
             || Error::corruption(&path, meta_at as u64, CorruptionKind::AuthenticationFailed);
         let meta_key = provider
             .unwrap(&img.meta_wrapped_key, META_CONTEXT)?
             .ok_or_else(auth)?;
-        let mut plain = Zeroizing::new([0u8; META_PLAIN_LEN]);
-        plain.copy_from_slice(&img.meta_sealed[..META_PLAIN_LEN]);
+        let plain_len = img.meta_sealed.len() - TAG_LEN;
+        let mut plain = Zeroizing::new(img.meta_sealed[..plain_len].to_vec());
         let mut tag = [0u8; TAG_LEN];
-        tag.copy_from_slice(&img.meta_sealed[META_PLAIN_LEN..]);
+        tag.copy_from_slice(&img.meta_sealed[plain_len..]);
         if !SealKey::new(&meta_key).open([0; 12], &img.meta_aad(), plain.as_mut(), &tag) {
             return Err(auth());
         }
-        let (id_floor, time_floor_ms) = fmt::decode_meta(&plain);
+        let meta = fmt::decode_meta(&plain);
         let mut entries = BTreeMap::new();
         for e in img.entries {
             if e.segment_id >= img.next_segment_id || entries.contains_key(&e.segment_id) {
@@ -106,8 +111,9 @@ impl KeyStore {
             generation: img.generation,
             next_segment_id: img.next_segment_id,
             entries,
-            id_floor,
-            time_floor_ms,
+            id_floor: meta.id_floor,
+            time_floor_ms: meta.time_floor_ms,
+            audit_anchor: meta.audit,
         }))
     }
 
@@ -159,14 +165,48 @@ impl KeyStore {
         }
     }
 
+    /// The id of the KEK that wraps a segment's key.
+    pub fn kek_of(&self, segment_id: u64) -> Option<u64> {
+        self.entries.get(&segment_id).map(|e| e.kek_id)
+    }
+
     /// The sealed length recorded for a segment (0 = not sealed when last persisted).
     pub fn sealed_len(&self, segment_id: u64) -> u64 {
         self.entries.get(&segment_id).map_or(0, |e| e.sealed_len)
     }
 
-    /// Removes (in memory) a segment's key. Persist to make the shred durable.
-    pub fn remove(&mut self, segment_id: u64) -> bool {
-        self.entries.remove(&segment_id).is_some()
+    /// Removes (in memory) a segment's key. Persist to make the shred durable. Returns
+    /// the id of the KEK that wrapped it, if it was there.
+    pub fn remove(&mut self, segment_id: u64) -> Option<u64> {
+        self.entries.remove(&segment_id).map(|e| e.kek_id)
+    }
+
+    /// Re-wraps every data key under `new` (in memory; persist under `new` to make it
+    /// count). All or nothing: on an error the entries are unchanged. Returns the ids of
+    /// the segments whose keys were re-wrapped.
+    pub fn rewrap_all(&mut self, old: &dyn KeyProvider, new: &dyn KeyProvider) -> Result<Vec<u64>> {
+        let mut next = self.entries.clone();
+        for e in next.values_mut() {
+            let ctx = dek_context(e.segment_id, e.dek_id);
+            let dek = old.unwrap(&e.wrapped, &ctx)?.ok_or_else(|| {
+                Error::corruption(&self.path, 0, CorruptionKind::AuthenticationFailed)
+            })?;
+            e.wrapped = new.wrap(&dek, &ctx)?;
+            e.kek_id = new.kek_id();
+        }
+        let ids = next.keys().copied().collect();
+        self.entries = next;
+        Ok(ids)
+    }
+
+    /// A copy of the entries, to put back with [`restore_entries`](Self::restore_entries)
+    /// when a change cannot be persisted.
+    pub fn clone_entries(&self) -> BTreeMap<u64, KeyEntry> {
+        self.entries.clone()
+    }
+
+    pub fn restore_entries(&mut self, entries: BTreeMap<u64, KeyEntry>) {
+        self.entries = entries;
     }
 
     /// Unwraps the data key of a segment.
@@ -190,14 +230,19 @@ impl KeyStore {
         let generation = self.generation + 1;
         let meta_key = Dek::generate()?;
         let mut img = KeystoreImage {
+            version: FORMAT_VERSION,
             generation,
             next_segment_id: self.next_segment_id,
             kek_id: provider.kek_id(),
             entries: self.entries.values().cloned().collect(),
             meta_wrapped_key: provider.wrap(&meta_key, META_CONTEXT)?,
-            meta_sealed: [0; META_SEALED_LEN],
+            meta_sealed: vec![0; META_SEALED_LEN],
         };
-        let mut plain = fmt::encode_meta(self.id_floor, self.time_floor_ms);
+        let mut plain = fmt::encode_meta(&KeystoreMeta {
+            id_floor: self.id_floor,
+            time_floor_ms: self.time_floor_ms,
+            audit: self.audit_anchor,
+        });
         // The meta key is fresh for every write, so the fixed nonce is never reused.
         let tag = SealKey::new(&meta_key).seal([0; 12], &img.meta_aad(), &mut plain);
         img.meta_sealed[..META_PLAIN_LEN].copy_from_slice(&plain);

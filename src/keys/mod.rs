@@ -1,6 +1,7 @@
 //! Key management: the [`KeyProvider`] trait (wraps data keys under a key-encryption key),
 //! the file-backed provider, and the persisted keystore of wrapped data keys.
 
+pub(crate) mod audit;
 mod file;
 pub(crate) mod keyring;
 pub(crate) mod keystore;
@@ -8,6 +9,7 @@ pub(crate) mod keystore;
 use std::path::Path;
 
 pub use file::FileKeyProvider;
+pub use keyring::RotationReport;
 
 use crate::crypto::Dek;
 use crate::error::Result;

@@ -1,10 +1,11 @@
-//! `cinder`: inspect and verify a cinder data dir. Read-only; safe to run while a store
-//! has the dir open.
+//! `cinder`: inspect and verify a cinder data dir (read-only; safe to run while a store
+//! has the dir open), and manage its keys (`keys rotate` needs the store stopped).
 //!
 //! Exit codes: 0 all good; 1 problems were found; 2 usage error, or the data dir or the
 //! key cannot be opened.
 
 mod inspect;
+mod keys;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +30,9 @@ enum Cmd {
     /// Check every checksum and AEAD tag, and that the keystore and the segment files
     /// agree. One line per problem: file, byte offset, what is wrong.
     Verify(verify::Args),
+    /// Key management: status of the key hierarchy, master-key rotation, audit log.
+    #[command(subcommand)]
+    Keys(keys::Cmd),
 }
 
 /// A failure that means the job could not be done at all (exit 2).
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Inspect(a) => inspect::run(&a),
         Cmd::Verify(a) => verify::run(&a),
+        Cmd::Keys(c) => keys::run(&c),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,

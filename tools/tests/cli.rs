@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cinder::format::frame::FrameHeader;
 use cinder::format::segment_header::HEADER_LEN;
-use cinder::{Durability, FileKeyProvider, Options, Store};
+use cinder::{Durability, FileKeyProvider, KeyProvider, Options, Store};
 use serde_json::Value;
 
 struct Fixture {
@@ -331,4 +331,88 @@ fn a_store_open_elsewhere_is_in_flight_not_corrupt_and_is_not_modified() {
         assert_eq!(fs::read(&p).unwrap(), b, "{} changed", p.display());
     }
     assert_eq!(store.read(b"live", None, 100).unwrap().len(), 50);
+}
+
+#[test]
+fn keys_status_rotate_and_audit() {
+    let f = Fixture::new();
+    let dir = f.dir.to_str().unwrap();
+    let old_id = FileKeyProvider::open(&f.key).unwrap().kek_id();
+    let (code, out, _) = run(&["keys", "status", dir, "--json"]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["master_keys"][0]["kek_id"], format!("{old_id:016x}"));
+    assert_eq!(v["rotations"], 0);
+    // No secret material: the status names ids and counts only.
+    let key_bytes = fs::read(&f.key).unwrap();
+    let key_hex: String = key_bytes.iter().fold(String::new(), |mut s, b| {
+        use std::fmt::Write;
+        let _ = write!(s, "{b:02x}");
+        s
+    });
+    assert!(!out.contains(&key_hex[..16]));
+
+    let new_key = f.key.with_file_name("new-key");
+    let new = new_key.to_str().unwrap();
+    let k = f.key.to_str().unwrap();
+    let (code, _, err) = run(&[
+        "keys",
+        "rotate",
+        dir,
+        "--key-file",
+        k,
+        "--new-key-file",
+        new,
+    ]);
+    assert_eq!(code, 2, "rotated to a key file that does not exist: {err}");
+    let (code, out, err) = run(&[
+        "keys",
+        "rotate",
+        dir,
+        "--key-file",
+        k,
+        "--new-key-file",
+        new,
+        "--create",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("re-wrapped"), "{out}");
+    let new_id = FileKeyProvider::open(&new_key).unwrap().kek_id();
+    let (_, out, _) = run(&["keys", "status", dir, "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["rotations"], 1);
+    assert_eq!(v["master_keys"][0]["kek_id"], format!("{new_id:016x}"));
+    // The old key no longer opens it; verify with the new one is clean.
+    let (code, _, _) = run(&["verify", dir, "--key-file", k]);
+    assert_eq!(code, 2);
+    let (code, _, _) = run(&["verify", dir, "--key-file", new]);
+    assert_eq!(code, 0);
+
+    let (code, out, _) = run(&["keys", "audit", dir, "--key-file", new, "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["matches_keystore"], true);
+    let events: Vec<&str> = v["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["event"].as_str().unwrap())
+        .collect();
+    assert!(events.contains(&"master-key-rotated"), "{events:?}");
+    assert!(events.contains(&"dek-rewrapped"), "{events:?}");
+
+    // An edited record: `keys audit` and `verify` both say where.
+    let log = f.dir.join("KEYS.audit");
+    let mut b = fs::read(&log).unwrap();
+    b[16 + 72 + 30] ^= 1;
+    fs::write(&log, &b).unwrap();
+    let (code, _, err) = run(&["keys", "audit", dir]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("KEYS.audit") && err.contains("chain broken"),
+        "{err}"
+    );
+    let (code, out, _) = run(&["verify", dir, "--key-file", new]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("KEYS.audit"), "{out}");
 }

@@ -1,0 +1,434 @@
+//! Key management: the key audit log (every key event, hash-chained, anchored in the
+//! keystore) and master-key rotation (online, crash-safe, resumable with the previous key,
+//! automatic).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cinder::{
+    AuditEvent, AutoRotation, CorruptionKind, Error, FileKeyProvider, KeyProvider, ManualClock,
+    Options, Store,
+};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn key(dir: &Path, name: &str) -> Arc<FileKeyProvider> {
+    Arc::new(FileKeyProvider::open_or_create(dir.join(name), true).unwrap())
+}
+
+fn opts(k: &Arc<FileKeyProvider>) -> Options {
+    let mut o = Options::new(k.clone());
+    o.segment_size = 64 << 10;
+    o.max_message_size = 8 << 10;
+    o.max_shred_delay = Duration::from_secs(2);
+    o.background_reaper = false;
+    o
+}
+
+fn events(dir: &Path) -> Vec<AuditEvent> {
+    cinder::key_audit_log(dir, None)
+        .unwrap()
+        .records
+        .iter()
+        .map(|r| r.event)
+        .collect()
+}
+
+/// A store with a few segments created, some shredded, and one reopen.
+fn busy_store(tmp: &Path, k: &Arc<FileKeyProvider>) -> PathBuf {
+    let data = tmp.join("data");
+    let s = Store::open(&data, opts(k)).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..200u32 {
+        ids.push(s.append(b"q", &[i as u8; 700], HOUR).unwrap());
+    }
+    assert_eq!(s.ack_batch(b"q", &ids[..150]).unwrap(), 150);
+    s.maintain().unwrap();
+    s.close().unwrap();
+    Store::open(&data, opts(k)).unwrap().close().unwrap();
+    data
+}
+
+#[test]
+fn the_audit_log_records_every_key_event_and_matches_the_keystore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = key(tmp.path(), "k1");
+    let data = busy_store(tmp.path(), &k);
+    let ev = events(&data);
+    for want in [
+        AuditEvent::DekCreated,
+        AuditEvent::DekShredded,
+        AuditEvent::DekUnwrapped,
+    ] {
+        assert!(ev.contains(&want), "no {want:?} in {ev:?}");
+    }
+    let log = cinder::key_audit_log(&data, Some(&*k as &dyn KeyProvider)).unwrap();
+    assert_eq!(log.matches_keystore, Some(true));
+    // Subjects are segment ids and key ids only; the key id is the master key's.
+    assert!(log
+        .records
+        .iter()
+        .filter(|r| r.event == AuditEvent::DekCreated)
+        .all(|r| r.key_id == k.kek_id()));
+    assert!(cinder::verify(&data, &*k).unwrap().is_clean());
+}
+
+fn record_range(i: usize) -> std::ops::Range<usize> {
+    16 + i * 72..16 + (i + 1) * 72
+}
+
+fn assert_open_refuses(data: &Path, k: &Arc<FileKeyProvider>, what: &str) {
+    match Store::open(data, opts(k)) {
+        Err(Error::Corruption { file, kind, .. }) => {
+            assert!(
+                file.ends_with("KEYS.audit"),
+                "{what}: blamed {}",
+                file.display()
+            );
+            assert!(
+                matches!(
+                    kind,
+                    CorruptionKind::AuditChainBroken { .. }
+                        | CorruptionKind::AuditLogBehindKeystore { .. }
+                ),
+                "{what}: {kind:?}"
+            );
+        }
+        other => panic!("{what}: open gave {other:?}"),
+    }
+    assert!(
+        !cinder::verify(data, &**k).unwrap().is_clean(),
+        "{what}: verify found nothing"
+    );
+}
+
+#[test]
+fn edits_removals_reordering_and_truncation_of_the_audit_log_are_detected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = key(tmp.path(), "k1");
+    let data = busy_store(tmp.path(), &k);
+    let path = data.join("KEYS.audit");
+    let good = std::fs::read(&path).unwrap();
+    let n = (good.len() - 16) / 72;
+    assert!(n >= 6, "only {n} records");
+    let rec = |i: usize| good[record_range(i)].to_vec();
+
+    let mut edited = good.clone();
+    edited[record_range(2).start + 24] ^= 1; // the subject of record 2
+    let mut removed = good[..16].to_vec();
+    let mut swapped = good[..16].to_vec();
+    for i in 0..n {
+        if i != 3 {
+            removed.extend(rec(i));
+        }
+        swapped.extend(rec(match i {
+            1 => 2,
+            2 => 1,
+            i => i,
+        }));
+    }
+    let truncated = good[..record_range(n - 2).start].to_vec();
+    for (what, bytes) in [
+        ("edit", &edited),
+        ("removal", &removed),
+        ("reordering", &swapped),
+        ("truncation", &truncated),
+    ] {
+        std::fs::write(&path, bytes).unwrap();
+        if what == "truncation" {
+            // The chain of what is left is fine; the keystore's anchor shows the loss.
+            let log = cinder::key_audit_log(&data, Some(&*k as &dyn KeyProvider)).unwrap();
+            assert_eq!(log.matches_keystore, Some(false), "{what}");
+        } else {
+            // The chain alone shows it, without any key.
+            assert!(
+                cinder::key_audit_log(&data, None).is_err(),
+                "{what}: chain still verifies"
+            );
+        }
+        assert_open_refuses(&data, &k, what);
+    }
+    std::fs::write(&path, &good).unwrap();
+    Store::open(&data, opts(&k)).unwrap().close().unwrap();
+}
+
+#[test]
+fn a_torn_last_audit_record_is_cut_at_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = key(tmp.path(), "k1");
+    let data = busy_store(tmp.path(), &k);
+    let path = data.join("KEYS.audit");
+    let mut b = std::fs::read(&path).unwrap();
+    b.extend_from_slice(&[0xab; 40]);
+    std::fs::write(&path, &b).unwrap();
+    let s = Store::open(&data, opts(&k)).unwrap();
+    assert_eq!(s.recovery_report().audit_torn_tail_cut, 40);
+}
+
+#[test]
+fn rotation_rewraps_every_key_online_and_the_old_key_no_longer_opens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (k1, k2) = (key(tmp.path(), "k1"), key(tmp.path(), "k2"));
+    let data = tmp.path().join("data");
+    let s = Store::open(&data, opts(&k1)).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..120u32 {
+        ids.push(s.append(b"q", &i.to_le_bytes(), HOUR).unwrap());
+    }
+    let r = s.rotate_master_key(k2.clone()).unwrap();
+    assert_eq!((r.old_kek_id, r.new_kek_id), (k1.kek_id(), k2.kek_id()));
+    assert!(r.rewrapped > 1);
+    assert_eq!(s.master_key_id(), k2.kek_id());
+    // The store goes on: reads, appends (new segments under the new key), acks.
+    assert_eq!(s.read(b"q", None, 1000).unwrap().len(), 120);
+    for i in 0..100u32 {
+        s.append(b"q", &[i as u8; 900], HOUR).unwrap();
+    }
+    assert!(s.ack(b"q", ids[0]).unwrap());
+    assert!(matches!(
+        s.rotate_master_key(k2.clone()),
+        Err(Error::InvalidOptions(_))
+    ));
+    s.close().unwrap();
+
+    match Store::open(&data, opts(&k1)) {
+        Err(Error::WrongMasterKey { expected, got }) => {
+            assert_eq!((expected, got), (k2.kek_id(), k1.kek_id()));
+        }
+        other => panic!("old key opened the rotated store: {other:?}"),
+    }
+    let s = Store::open(&data, opts(&k2)).unwrap();
+    assert_eq!(s.len(b"q").unwrap(), 219);
+    drop(s);
+    let st = cinder::key_status(&data).unwrap();
+    assert_eq!(st.rotations, 1);
+    assert!(st.master_keys.iter().all(|m| m.kek_id == k2.kek_id()));
+    let ev = events(&data);
+    assert!(ev.contains(&AuditEvent::MasterKeyRotated));
+    assert_eq!(
+        ev.iter()
+            .filter(|e| **e == AuditEvent::DekRewrapped)
+            .count(),
+        r.rewrapped
+    );
+    assert!(cinder::verify(&data, &*k2).unwrap().is_clean());
+}
+
+/// The keystore is replaced by one rename: a crash before it leaves the old keystore
+/// (and maybe a `KEYS.tmp` under the new key, and audit records of the rotation).
+#[test]
+fn a_rotation_interrupted_before_its_rename_resumes_with_the_previous_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (k1, k2) = (key(tmp.path(), "k1"), key(tmp.path(), "k2"));
+    let data = tmp.path().join("data");
+    let s = Store::open(&data, opts(&k1)).unwrap();
+    for i in 0..50u32 {
+        s.append(b"q", &i.to_le_bytes(), HOUR).unwrap();
+    }
+    s.close().unwrap();
+    drop(s);
+    // The state "crashed after writing KEYS.tmp and the audit records, before the rename":
+    // run the rotation in a copy, then put its new keystore next to the old one as the
+    // temp file, and its longer audit log in place.
+    let done = tmp.path().join("done");
+    copy_dir(&data, &done);
+    let s = Store::open(&done, opts(&k1)).unwrap();
+    s.rotate_master_key(k2.clone()).unwrap();
+    s.close().unwrap();
+    drop(s);
+    std::fs::copy(done.join("KEYS"), data.join("KEYS.tmp")).unwrap();
+    std::fs::copy(done.join("KEYS.audit"), data.join("KEYS.audit")).unwrap();
+
+    // With the new key alone: a clear error naming the key the keystore expects.
+    match Store::open(&data, opts(&k2)) {
+        Err(Error::WrongMasterKey { expected, .. }) => assert_eq!(expected, k1.kek_id()),
+        other => panic!("{other:?}"),
+    }
+    // With the old key: opens (the rotation never happened).
+    Store::open(&data, opts(&k1)).unwrap().close().unwrap();
+    // With the new key and the old one as previous: opens and finishes the rotation.
+    let mut o = opts(&k2);
+    o.previous_key_provider = Some(k1.clone());
+    let s = Store::open(&data, o).unwrap();
+    assert_eq!(
+        s.recovery_report().master_key_rotated,
+        Some((k1.kek_id(), k2.kek_id()))
+    );
+    assert_eq!(s.len(b"q").unwrap(), 50);
+    drop(s);
+    Store::open(&data, opts(&k2)).unwrap().close().unwrap();
+    assert!(cinder::verify(&data, &*k2).unwrap().is_clean());
+}
+
+#[test]
+fn automatic_rotation_follows_its_interval_across_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k1 = key(tmp.path(), "k1");
+    let data = tmp.path().join("data");
+    let clock = ManualClock::new(1_000_000);
+    let keys_dir = tmp.path().join("rotated");
+    let made = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let auto = {
+        let (keys_dir, made) = (keys_dir.clone(), made.clone());
+        AutoRotation {
+            every: HOUR,
+            next_key: Arc::new(move || {
+                let n = made.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let p: Arc<dyn KeyProvider> =
+                    Arc::new(FileKeyProvider::create(keys_dir.join(format!("k-{n}")))?);
+                Ok(p)
+            }),
+        }
+    };
+    let mut o = opts(&k1);
+    o.clock = clock.clone();
+    o.auto_rotation = Some(auto.clone());
+    let s = Store::open(&data, o).unwrap();
+    s.append(b"q", b"m", HOUR * 100).unwrap();
+    s.maintain().unwrap();
+    assert_eq!(s.master_key_id(), k1.kek_id(), "rotated before its time");
+    clock.advance(HOUR + Duration::from_secs(1));
+    s.maintain().unwrap();
+    let k_0 = FileKeyProvider::open(keys_dir.join("k-0")).unwrap();
+    assert_eq!(s.master_key_id(), k_0.kek_id());
+    s.close().unwrap();
+    drop(s);
+    // Reopened half an interval later: not due yet (the last rotation is in the log).
+    clock.advance(HOUR / 2);
+    let mut o = opts(&k1);
+    o.key_provider = Arc::new(k_0);
+    o.clock = clock.clone();
+    o.auto_rotation = Some(auto);
+    let s = Store::open(&data, o).unwrap();
+    s.maintain().unwrap();
+    assert_eq!(made.load(std::sync::atomic::Ordering::SeqCst), 1);
+    clock.advance(HOUR);
+    s.maintain().unwrap();
+    assert_eq!(made.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(s.read(b"q", None, 10).unwrap().len(), 1);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "LOCK" {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+// ----- SIGKILL during rotations under load -----
+
+/// Child: one thread appends (printing `@@A id` after each append returned), another
+/// rotates back and forth between two keys (printing `@@R kek` after each rotation).
+#[test]
+fn child_rotator() {
+    let Ok(spec) = std::env::var("CINDER_ROTATE_CHILD") else {
+        return;
+    };
+    let (dir, ka, kb) = {
+        let p: Vec<&str> = spec.split('|').collect();
+        (
+            PathBuf::from(p[0]),
+            PathBuf::from(p[1]),
+            PathBuf::from(p[2]),
+        )
+    };
+    let a: Arc<dyn KeyProvider> = Arc::new(FileKeyProvider::open(&ka).unwrap());
+    let b: Arc<dyn KeyProvider> = Arc::new(FileKeyProvider::open(&kb).unwrap());
+    // Opening leaves the keystore under `a`; rotate to `b`, back to `a`, and so on.
+    let store = Arc::new(open_either(&dir, &a, &b));
+    let mut next = false;
+    let appender = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || loop {
+            let id = store.append(b"q", &[5u8; 3000], HOUR).unwrap();
+            println!("@@A {}", id.0);
+        })
+    };
+    loop {
+        let k = if next { &a } else { &b };
+        store.rotate_master_key(Arc::clone(k)).unwrap();
+        println!("@@R {:016x}", k.kek_id());
+        next = !next;
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(!appender.is_finished(), "appender died");
+    }
+}
+
+/// Opens with `a`, `b` given as previous: works whether the keystore is under `a` or
+/// under `b` (then the open finishes the rotation to `a`).
+fn open_either(dir: &Path, a: &Arc<dyn KeyProvider>, b: &Arc<dyn KeyProvider>) -> Store {
+    let mut o = Options::new(Arc::clone(a));
+    o.segment_size = 256 << 10;
+    o.max_message_size = 8 << 10;
+    o.previous_key_provider = Some(Arc::clone(b));
+    Store::open(dir, o).expect("open with a (b as previous)")
+}
+
+#[test]
+fn sigkill_during_rotations_under_load_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ka, kb) = (tmp.path().join("ka"), tmp.path().join("kb"));
+    let a: Arc<dyn KeyProvider> = Arc::new(FileKeyProvider::create(&ka).unwrap());
+    let b: Arc<dyn KeyProvider> = Arc::new(FileKeyProvider::create(&kb).unwrap());
+    let dir = tmp.path().join("data");
+    let mut appended: Vec<u64> = Vec::new();
+    let mut rotations = 0;
+    for cycle in 0..8u64 {
+        let exe = std::env::current_exe().unwrap();
+        let mut child = Command::new(exe)
+            .args([
+                "child_rotator",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(
+                "CINDER_ROTATE_CHILD",
+                format!("{}|{}|{}", dir.display(), ka.display(), kb.display()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            BufReader::new(out)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
+        });
+        std::thread::sleep(Duration::from_millis(150 + (cycle * 37) % 200));
+        child.kill().unwrap();
+        assert!(!child.wait().unwrap().success());
+        for l in reader.join().unwrap() {
+            if let Some(id) = l.strip_prefix("@@A ") {
+                appended.push(id.parse().unwrap());
+            } else if l.starts_with("@@R ") {
+                rotations += 1;
+            }
+        }
+        // Opens (under either key, finishing an interrupted rotation), nothing lost,
+        // and the audit log still checks against the keystore.
+        let s = open_either(&dir, &a, &b);
+        let have: std::collections::HashSet<u64> = s
+            .read(b"q", None, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|m| m.id.0)
+            .collect();
+        for id in &appended {
+            assert!(have.contains(id), "cycle {cycle}: append {id} lost");
+        }
+        assert_eq!(s.master_key_id(), a.kek_id());
+        drop(s);
+        let log = cinder::key_audit_log(&dir, Some(&*a)).unwrap();
+        assert_eq!(log.matches_keystore, Some(true), "cycle {cycle}");
+    }
+    assert!(rotations > 8, "only {rotations} rotations ran");
+}
