@@ -1,6 +1,6 @@
 //! The 64-byte header at the start of every segment file.
 
-use super::{check_preamble, get_u32, get_u64, FormatError, FORMAT_VERSION};
+use super::{check_preamble, get_u32, get_u64, FormatError};
 use crate::error::CorruptionKind;
 
 pub const MAGIC: [u8; 8] = *b"CINDRSEG";
@@ -16,6 +16,9 @@ const CRC_AT: usize = 60;
 /// The plaintext header of a segment: framing only, no secrets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
+    /// The format version it was written in (`FORMAT_VERSION` for new segments; version-2
+    /// segments have the same layout).
+    pub version: u32,
     pub segment_id: u64,
     /// Id of the data key that seals this segment's records (its keystore entry).
     pub dek_id: u64,
@@ -31,7 +34,7 @@ impl SegmentHeader {
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[..8].copy_from_slice(&MAGIC);
-        b[VERSION_AT..VERSION_AT + 4].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[VERSION_AT..VERSION_AT + 4].copy_from_slice(&self.version.to_le_bytes());
         b[HEADER_LEN_AT..HEADER_LEN_AT + 4].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
         b[SEGMENT_ID_AT..SEGMENT_ID_AT + 8].copy_from_slice(&self.segment_id.to_le_bytes());
         b[DEK_ID_AT..DEK_ID_AT + 8].copy_from_slice(&self.dek_id.to_le_bytes());
@@ -44,7 +47,7 @@ impl SegmentHeader {
     /// Decodes and validates a header. Checks run in an order that never does
     /// arithmetic with an unvalidated field.
     pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
-        check_preamble(buf, MAGIC, HEADER_LEN, CRC_AT)?;
+        let version = check_preamble(buf, MAGIC, HEADER_LEN, CRC_AT)?;
         let len = get_u32(buf, HEADER_LEN_AT);
         if len as usize != HEADER_LEN {
             return Err(FormatError::at(
@@ -65,6 +68,7 @@ impl SegmentHeader {
             ));
         }
         Ok(SegmentHeader {
+            version,
             segment_id: get_u64(buf, SEGMENT_ID_AT),
             dek_id: get_u64(buf, DEK_ID_AT),
             kek_id: get_u64(buf, KEK_ID_AT),
@@ -75,9 +79,11 @@ impl SegmentHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::FORMAT_VERSION;
 
     fn sample() -> SegmentHeader {
         SegmentHeader {
+            version: FORMAT_VERSION,
             segment_id: 7,
             dek_id: 7,
             kek_id: 0xdead_beef,
@@ -123,5 +129,14 @@ mod tests {
                 got
             }) if got == FORMAT_VERSION + 1
         ));
+    }
+
+    #[test]
+    fn a_version_2_header_is_read_and_encodes_back_to_its_bytes() {
+        let mut h = sample();
+        h.version = 2;
+        let b = h.encode();
+        assert_eq!(SegmentHeader::decode(&b), Ok(h));
+        assert_eq!(SegmentHeader::decode(&b).unwrap().encode(), b);
     }
 }

@@ -135,6 +135,7 @@ impl Segment {
         let res = (|| {
             preallocate(&file, prealloc).map_err(|e| Error::io("preallocate segment", &tmp, e))?;
             let h = SegmentHeader {
+                version: crate::format::FORMAT_VERSION,
                 segment_id: id,
                 dek_id: id,
                 kek_id,
