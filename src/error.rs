@@ -117,6 +117,13 @@ pub enum Error {
     /// The key provider's key-encryption key is not the one the keystore was written with.
     #[error("wrong master key: the keystore was written under key {expected:016x}, the provider holds key {got:016x}")]
     WrongMasterKey { expected: u64, got: u64 },
+    /// A key backup could not be used: not a backup, another version, out-of-bounds
+    /// parameters, or a passphrase too short to seal one.
+    #[error("invalid key backup: {0}")]
+    InvalidBackup(String),
+    /// A key backup did not open: the passphrase is wrong (or the backup was altered).
+    #[error("the key backup does not open with this passphrase (wrong passphrase, or the backup was altered)")]
+    WrongPassphrase,
     /// The master key file does not exist (and `create_if_missing` was not set).
     #[error("master key file {} does not exist; create it with create_if_missing or restore it", path.display())]
     KeyFileMissing { path: PathBuf },

@@ -176,5 +176,9 @@ mod doc_consts {
         );
         assert_eq!(documented("AAD_LEN"), frame::AAD_LEN as u64);
         assert_eq!(documented("AUDIT_RECORD_LEN"), audit::RECORD_LEN as u64);
+        assert_eq!(
+            documented("BACKUP_LEN"),
+            crate::keys::backup::BACKUP_LEN as u64
+        );
     }
 }

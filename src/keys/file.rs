@@ -67,12 +67,17 @@ impl FileKeyProvider {
 
     /// Creates a new random key file (mode 0600); fails if the file exists.
     pub fn create(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
+        let mut kek = Zeroizing::new([0u8; KEY_LEN]);
+        crypto::fill_random(kek.as_mut())?;
+        Self::write_new(path.as_ref(), &kek)
+    }
+
+    /// Writes `kek` to a new key file (mode 0600, fsynced with its dir); fails if the file
+    /// exists.
+    fn write_new(path: &Path, kek: &[u8; KEY_LEN]) -> Result<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             fsutil::create_private_dir(parent)?;
         }
-        let mut kek = Zeroizing::new([0u8; KEY_LEN]);
-        crypto::fill_random(kek.as_mut())?;
         let mut f = fsutil::create_private_file(path)?;
         f.write_all(kek.as_ref())
             .and_then(|()| f.sync_all())
@@ -82,6 +87,23 @@ impl FileKeyProvider {
         }
         drop(f);
         Self::open(path)
+    }
+
+    /// A backup of this master key sealed under `passphrase` (Argon2id + ChaCha20-Poly1305,
+    /// see [`super::backup`]); 96 bytes to store away from the data dir.
+    pub fn export_backup(
+        &self,
+        passphrase: &[u8],
+        params: super::backup::BackupParams,
+    ) -> Result<Vec<u8>> {
+        Ok(super::backup::seal(&self.kek, self.id, passphrase, params)?.to_vec())
+    }
+
+    /// Restores a master key from a backup into a new key file at `path` (mode 0600;
+    /// fails if it exists). A wrong passphrase is `Error::WrongPassphrase`.
+    pub fn import_backup(backup: &[u8], passphrase: &[u8], path: impl AsRef<Path>) -> Result<Self> {
+        let (kek, _) = super::backup::open(backup, passphrase)?;
+        Self::write_new(path.as_ref(), &kek)
     }
 
     /// Opens the key file, creating it first if it is missing and `create_if_missing`.

@@ -2,6 +2,7 @@
 //! the file-backed provider, and the persisted keystore of wrapped data keys.
 
 pub(crate) mod audit;
+pub mod backup;
 mod file;
 pub(crate) mod keyring;
 pub(crate) mod keystore;

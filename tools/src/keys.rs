@@ -1,5 +1,5 @@
-//! `cinder keys status|rotate|audit`: the key hierarchy, master-key rotation, and the
-//! key audit log. Nothing here prints secret material: key ids are public fingerprints.
+//! `cinder keys status|rotate|export|import|audit`: the key hierarchy, master-key
+//! rotation, passphrase-sealed backup of the master key, and the key audit log. Nothing here prints secret material: key ids are public fingerprints.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,6 +35,31 @@ pub enum Cmd {
         #[arg(long)]
         create: bool,
     },
+    /// Write a backup of the master key file, sealed under a passphrase (Argon2id, then
+    /// ChaCha20-Poly1305). Data keys are never backed up: shredded data stays shredded.
+    Export {
+        /// The master key file.
+        #[arg(long)]
+        key_file: PathBuf,
+        /// A file holding the passphrase (mode 0600; one trailing newline is ignored).
+        #[arg(long)]
+        passphrase_file: PathBuf,
+        /// Where to write the backup (created with mode 0600; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a master key file from a backup.
+    Import {
+        /// The backup written by `keys export`.
+        #[arg(long)]
+        backup: PathBuf,
+        /// A file holding the passphrase (mode 0600; one trailing newline is ignored).
+        #[arg(long)]
+        passphrase_file: PathBuf,
+        /// The key file to create (mode 0600; never overwritten).
+        #[arg(long)]
+        key_file: PathBuf,
+    },
     /// Print the key audit log and check its hash chain (and, with the key, that it
     /// reaches the point the keystore vouches for).
     Audit {
@@ -62,7 +87,84 @@ pub fn run(c: &Cmd) -> Result<bool, Fatal> {
             key_file,
             json,
         } => audit(dir, key_file.as_ref(), *json),
+        Cmd::Export {
+            key_file,
+            passphrase_file,
+            out,
+        } => {
+            let key = crate::key(key_file)?;
+            let pass = passphrase(passphrase_file)?;
+            let b = key.export_backup(&pass, cinder::keys::backup::BackupParams::default())?;
+            write_new_private(out, &b)?;
+            println!(
+                "wrote a backup of master key {} to {} (restore with `cinder keys import`)",
+                hex(cinder::KeyProvider::kek_id(&*key)),
+                out.display()
+            );
+            Ok(true)
+        }
+        Cmd::Import {
+            backup,
+            passphrase_file,
+            key_file,
+        } => {
+            let b = std::fs::read(backup)
+                .map_err(|e| Fatal(format!("cannot read {}: {e}", backup.display())))?;
+            let pass = passphrase(passphrase_file)?;
+            let k = cinder::FileKeyProvider::import_backup(&b, &pass, key_file)?;
+            println!(
+                "restored master key {} to {}",
+                hex(cinder::KeyProvider::kek_id(&k)),
+                key_file.display()
+            );
+            Ok(true)
+        }
     }
+}
+
+/// Reads a passphrase file: private (no group or other access), one trailing newline
+/// dropped. The passphrase is never echoed or logged.
+fn passphrase(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>, Fatal> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        Fatal(format!(
+            "cannot read passphrase file {}: {e}",
+            path.display()
+        ))
+    })?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(Fatal(format!(
+            "passphrase file {} is readable by group or others (chmod 600 it)",
+            path.display()
+        )));
+    }
+    let mut p = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| {
+        Fatal(format!(
+            "cannot read passphrase file {}: {e}",
+            path.display()
+        ))
+    })?);
+    if p.ends_with(b"\n") {
+        p.pop();
+        if p.ends_with(b"\r") {
+            p.pop();
+        }
+    }
+    Ok(p)
+}
+
+fn write_new_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), Fatal> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Fatal(format!("cannot create {}: {e}", path.display())))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Fatal(format!("cannot write {}: {e}", path.display())))
 }
 
 fn hex(id: u64) -> String {

@@ -416,3 +416,69 @@ fn keys_status_rotate_and_audit() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("KEYS.audit"), "{out}");
 }
+
+#[test]
+fn keys_export_and_import_round_trip() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new();
+    let tmp = f.key.parent().unwrap();
+    let pass = tmp.join("pass");
+    fs::write(&pass, "a long enough passphrase\n").unwrap();
+    let backup = tmp.join("backup");
+    let args = |p: &Path| {
+        vec![
+            "keys".to_string(),
+            "export".into(),
+            "--key-file".into(),
+            f.key.display().to_string(),
+            "--passphrase-file".into(),
+            p.display().to_string(),
+            "--out".into(),
+            backup.display().to_string(),
+        ]
+    };
+    let run_s = |a: &[String]| run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    fs::set_permissions(&pass, fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = run_s(&args(&pass));
+    assert_eq!(code, 2, "a world-readable passphrase file was used: {err}");
+    fs::set_permissions(&pass, fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, out, err) = run_s(&args(&pass));
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("passphrase") || !out.contains("a long enough"));
+    assert_eq!(
+        fs::metadata(&backup).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Never overwritten.
+    assert_eq!(run_s(&args(&pass)).0, 2);
+
+    let restored = tmp.join("restored.key");
+    let import = |p: &Path| {
+        run(&[
+            "keys",
+            "import",
+            "--backup",
+            backup.to_str().unwrap(),
+            "--passphrase-file",
+            p.to_str().unwrap(),
+            "--key-file",
+            restored.to_str().unwrap(),
+        ])
+    };
+    let wrong = tmp.join("wrong");
+    fs::write(&wrong, "another long passphrase").unwrap();
+    fs::set_permissions(&wrong, fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, _, err) = import(&wrong);
+    assert_eq!(code, 2);
+    assert!(err.contains("passphrase"), "{err}");
+    let (code, _, err) = import(&pass);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(fs::read(&restored).unwrap(), fs::read(&f.key).unwrap());
+    let (code, _, _) = run(&[
+        "verify",
+        f.dir.to_str().unwrap(),
+        "--key-file",
+        restored.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+}
