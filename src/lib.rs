@@ -43,7 +43,7 @@ pub use error::{CorruptionKind, Error, Result};
 pub use format::audit::{AuditEvent, AuditRecord};
 pub use keys::{FileKeyProvider, KeyProvider, RotationReport};
 pub use options::{
-    AutoRotation, Clock, Durability, ManualClock, Options, RecoveryMode, SystemClock,
+    AutoRotation, Clock, CoreDumps, Durability, ManualClock, Options, RecoveryMode, SystemClock,
 };
 pub use recovery::RecoveryReport;
 pub use store::{Message, MessageId, NewMessage, Stats, Store};

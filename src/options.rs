@@ -63,6 +63,18 @@ impl std::fmt::Debug for AutoRotation {
     }
 }
 
+/// What a core dump of this process may hold of key material.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CoreDumps {
+    /// Key memory (data keys, expanded keys, the file provider's master key) is marked
+    /// `MADV_DONTDUMP`, so core dumps leave it out; the rest of the process still dumps.
+    #[default]
+    ExcludeKeyMemory,
+    /// No core dumps at all for the whole process (`RLIMIT_CORE` = 0, not dumpable),
+    /// set by `Store::open`. Also covers plaintext payloads passing through memory.
+    Disable,
+}
+
 /// A source of wall-clock time in milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync + std::fmt::Debug {
     fn now_ms(&self) -> u64;
@@ -117,6 +129,8 @@ pub struct Options {
     pub previous_key_provider: Option<Arc<dyn KeyProvider>>,
     /// Rotate the master key automatically (default off).
     pub auto_rotation: Option<AutoRotation>,
+    /// Core dumps and key material (default: key memory excluded from dumps).
+    pub core_dumps: CoreDumps,
     pub durability: Durability,
     /// Size at which a segment is closed and a new one started (default 64 MiB;
     /// 64 KiB ..= 1 GiB). Smaller segments shred sooner; larger ones mean fewer files.
@@ -161,6 +175,7 @@ impl Options {
             key_provider,
             previous_key_provider: None,
             auto_rotation: None,
+            core_dumps: CoreDumps::default(),
             durability: Durability::default(),
             segment_size: 64 << 20,
             max_message_size: 256 << 10,

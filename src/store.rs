@@ -205,6 +205,10 @@ impl Store {
                 return Err(Error::KeyFileInsideDataDir { path: kf });
             }
         }
+        if opts.core_dumps == crate::options::CoreDumps::Disable {
+            crate::crypto::locked::disable_core_dumps()
+                .map_err(|e| Error::io("disable core dumps", "", e))?;
+        }
         let lock = DirLock::acquire(&dir)?;
         let clock = Arc::clone(&opts.clock);
         let (mut rec, provider) = recover_with_keys(&dir, &opts)?;

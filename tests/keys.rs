@@ -469,3 +469,60 @@ fn a_restored_key_backup_opens_the_store_and_a_wrong_passphrase_is_a_clear_error
     // backup holds only the master key.
     assert_eq!(s.len(b"q").unwrap(), 50);
 }
+
+// ----- key memory -----
+
+/// A limit from /proc/self/limits ("Max locked memory", ...): (soft, hard) in bytes or
+/// `u64::MAX` for unlimited.
+fn proc_limit(name: &str) -> Option<(u64, u64)> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with(name))?;
+    let mut v = line[name.len()..].split_whitespace().map(|x| {
+        if x == "unlimited" {
+            u64::MAX
+        } else {
+            x.parse().unwrap_or(0)
+        }
+    });
+    Some((v.next()?, v.next()?))
+}
+
+#[test]
+fn key_memory_is_locked_and_left_out_of_core_dumps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = key(tmp.path(), "k1");
+    let _s = busy_store(tmp.path(), &k);
+    let st = cinder::crypto::locked::status();
+    assert!(st.slots_in_use >= 1, "{st:?}");
+    assert!(st.excluded_from_core_dumps, "{st:?}");
+    // mlock works whenever the memlock limit leaves room for the key arena.
+    if proc_limit("Max locked memory").is_some_and(|(soft, _)| soft >= st.bytes_reserved as u64 * 2)
+    {
+        assert!(st.locked, "{st:?}");
+    }
+}
+
+#[test]
+fn child_core_dumps_disabled() {
+    if std::env::var("CINDER_COREDUMP_CHILD").is_err() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let k = key(tmp.path(), "k1");
+    let mut o = opts(&k);
+    o.core_dumps = cinder::CoreDumps::Disable;
+    let _s = Store::open(tmp.path().join("data"), o).unwrap();
+    let (soft, hard) = proc_limit("Max core file size").unwrap();
+    println!("@@CORE {soft} {hard}");
+}
+
+#[test]
+fn core_dumps_can_be_disabled_for_the_process() {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["child_core_dumps_disabled", "--exact", "--nocapture"])
+        .env("CINDER_COREDUMP_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("@@CORE 0 0"), "{stdout}");
+}

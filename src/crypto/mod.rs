@@ -4,6 +4,8 @@
 //! 3.5x the RustCrypto crate at 1 KiB on the reference machine, see BENCHMARKS.md).
 //! Data keys are [`Dek`]s: 32 random bytes that are zeroized on drop and never printed.
 
+pub mod locked;
+
 use std::mem::MaybeUninit;
 
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
@@ -31,20 +33,22 @@ pub fn random_u64() -> Result<u64> {
     Ok(u64::from_le_bytes(b))
 }
 
-/// A 256-bit data key. Plaintext only in memory; zeroized on drop; `Debug` shows nothing.
-pub struct Dek(Zeroizing<[u8; KEY_LEN]>);
+/// A 256-bit data key. Plaintext only in locked, dump-excluded memory
+/// ([`locked::LockedBox`]); wiped on drop; `Debug` shows nothing.
+pub struct Dek(locked::LockedBox<[u8; KEY_LEN]>);
 
 impl Dek {
-    /// A fresh random key from the OS CSPRNG.
+    /// A fresh random key from the OS CSPRNG, generated in place.
     pub fn generate() -> Result<Self> {
-        let mut k = Zeroizing::new([0u8; KEY_LEN]);
+        let mut k = locked::LockedBox::new([0u8; KEY_LEN]);
         fill_random(k.as_mut())?;
         Ok(Dek(k))
     }
 
-    /// Takes ownership of key bytes (for example, just unwrapped).
-    pub fn from_bytes(bytes: Zeroizing<[u8; KEY_LEN]>) -> Self {
-        Dek(bytes)
+    /// Copies key bytes (for example, just unwrapped) into key memory; the caller keeps
+    /// its copy in a `Zeroizing` so that it is wiped too.
+    pub fn from_bytes(bytes: &Zeroizing<[u8; KEY_LEN]>) -> Self {
+        Dek(locked::LockedBox::new(**bytes))
     }
 
     /// The key bytes, for a key provider to wrap. Never log them.
@@ -59,11 +63,12 @@ impl std::fmt::Debug for Dek {
     }
 }
 
-/// An expanded AEAD key, ready to seal and open. Its memory is zeroized on drop.
+/// An expanded AEAD key, ready to seal and open. It lives in locked, dump-excluded
+/// memory that is wiped on drop.
 pub struct SealKey {
-    // `ring` keys do not zeroize themselves, so the key lives in a box we wipe on drop.
-    // `MaybeUninit` lets us hold it in a state (all zero) that is not a valid `LessSafeKey`.
-    inner: Box<MaybeUninit<LessSafeKey>>,
+    // `ring` keys do not zeroize themselves, so the key lives in a slot wiped on drop.
+    // `MaybeUninit` lets the slot hold a state (all zero) that is not a valid key.
+    inner: locked::LockedBox<MaybeUninit<LessSafeKey>>,
 }
 
 impl std::fmt::Debug for SealKey {
@@ -82,7 +87,7 @@ impl SealKey {
         // A 32-byte key is always valid for ChaCha20-Poly1305.
         let unbound = UnboundKey::new(&CHACHA20_POLY1305, bytes).expect("32-byte key is valid");
         SealKey {
-            inner: Box::new(MaybeUninit::new(LessSafeKey::new(unbound))),
+            inner: locked::LockedBox::new(MaybeUninit::new(LessSafeKey::new(unbound))),
         }
     }
 
@@ -118,18 +123,6 @@ impl SealKey {
                 0..,
             )
             .is_ok()
-    }
-}
-
-impl Drop for SealKey {
-    fn drop(&mut self) {
-        #[expect(unsafe_code, reason = "volatile wipe of the expanded key")]
-        // SAFETY: `MaybeUninit<LessSafeKey>` is a flat, fixed-size value owned by this box;
-        // `LessSafeKey` owns no heap memory and needs no destructor, so overwriting its
-        // bytes with zeros (never reading them as a key again) leaks nothing and is sound.
-        unsafe {
-            zeroize::zeroize_flat_type(self.inner.as_mut_ptr().cast::<MaybeUninit<LessSafeKey>>());
-        }
     }
 }
 

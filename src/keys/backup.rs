@@ -78,7 +78,7 @@ fn derive(passphrase: &[u8], salt: &[u8], p: BackupParams) -> Result<Dek> {
     let mut k = Zeroizing::new([0u8; KEY_LEN]);
     a.hash_password_into(passphrase, salt, k.as_mut())
         .map_err(|e| Error::InvalidBackup(format!("Argon2id: {e}")))?;
-    Ok(Dek::from_bytes(k))
+    Ok(Dek::from_bytes(&k))
 }
 
 fn check_passphrase(passphrase: &[u8]) -> Result<()> {

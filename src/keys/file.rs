@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 use super::KeyProvider;
+use crate::crypto::locked::LockedBox;
 use crate::crypto::{self, Dek, KEY_LEN, TAG_LEN};
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -20,7 +21,8 @@ pub const WRAPPED_LEN: usize = SALT_LEN + KEY_LEN + TAG_LEN;
 /// dir but not the key file. The key is zeroized on drop.
 pub struct FileKeyProvider {
     path: PathBuf,
-    kek: Zeroizing<[u8; KEY_LEN]>,
+    /// In locked, dump-excluded memory, wiped on drop.
+    kek: LockedBox<[u8; KEY_LEN]>,
     id: u64,
 }
 
@@ -58,8 +60,8 @@ impl FileKeyProvider {
                 path,
             });
         }
-        let mut kek = Zeroizing::new([0u8; KEY_LEN]);
-        f.read_exact(kek.as_mut())
+        let mut kek = LockedBox::new([0u8; KEY_LEN]);
+        f.read_exact(&mut kek[..])
             .map_err(|e| Error::io("read key file", &path, e))?;
         let id = crypto::kek_fingerprint(&kek);
         Ok(FileKeyProvider { path, kek, id })
@@ -142,7 +144,7 @@ impl KeyProvider for FileKeyProvider {
         if !key.open([0; 12], context, k.as_mut(), &tag) {
             return Ok(None);
         }
-        Ok(Some(Dek::from_bytes(k)))
+        Ok(Some(Dek::from_bytes(&k)))
     }
 
     fn key_file(&self) -> Option<&Path> {
