@@ -41,6 +41,7 @@ pub use audit::{
 };
 pub use error::{CorruptionKind, Error, Result};
 pub use format::audit::{AuditEvent, AuditRecord};
+pub use format::padding::Padding;
 pub use keys::{FileKeyProvider, KeyProvider, RotationReport};
 pub use options::{
     AutoRotation, Clock, CoreDumps, Durability, ManualClock, Options, RecoveryMode, SystemClock,

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 
 use crate::error::{CorruptionKind, Error, Result};
 use crate::format::frame::{FrameHeader, FrameKind, MessageMeta, MAX_QUEUE_ID};
+use crate::format::padding;
 use crate::fsutil::{self, DirLock};
 use crate::gc::{self, ReaperSignal};
 use crate::index::{Index, QueueCell, Removed, Slot};
@@ -374,7 +375,8 @@ impl Store {
         // 1. Issue ids and pending slots (all or nothing).
         let mut issued: Vec<(Arc<QueueCell>, u64, u64, u64)> = Vec::with_capacity(items.len());
         for m in items {
-            let flen = codec::message_frame_len(m.queue.len(), m.payload.len()) as u64;
+            let body = padding::padded_len(o.padding, m.payload.len());
+            let flen = codec::message_frame_len(m.queue.len(), body) as u64;
             let expires = now + m.ttl.as_millis() as u64;
             match self.issue(m.queue, flen, expires) {
                 Ok((q, id)) => issued.push((q, id, flen, expires)),
@@ -422,7 +424,10 @@ impl Store {
                 payload_len: m.payload.len() as u32,
                 queue: m.queue,
             };
-            let frame = codec::seal_message(&r.seg.key, r.seg.id, r.offset, &meta, m.payload);
+            let padded_to = (o.padding != padding::Padding::None)
+                .then(|| padding::padded_len(o.padding, m.payload.len()));
+            let frame =
+                codec::seal_message(&r.seg.key, r.seg.id, r.offset, &meta, m.payload, padded_to);
             sealed.push((r, frame));
         }
         // Every reservation made is filled, even when a later one was refused: the

@@ -12,6 +12,8 @@ pub const TAG_LEN: usize = 16;
 const CRC_AT: usize = 0;
 const KIND_AT: usize = 4;
 const FLAGS_AT: usize = 5;
+/// Frame flag: the message body is padded.
+pub const FLAG_PADDED: u8 = 1;
 const META_LEN_AT: usize = 6;
 const BODY_LEN_AT: usize = 8;
 const RESERVED_AT: usize = 12;
@@ -68,6 +70,8 @@ pub struct FrameHeader {
     pub kind: FrameKind,
     pub meta_len: u16,
     pub body_len: u32,
+    /// Flag bit 0 (message frames only): the body is padded (see `format::padding`).
+    pub padded: bool,
 }
 
 impl FrameHeader {
@@ -84,7 +88,7 @@ impl FrameHeader {
     pub fn encode_into(&self, frame: &mut [u8]) {
         frame[CRC_AT..CRC_AT + 4].fill(0);
         frame[KIND_AT] = self.kind as u8;
-        frame[FLAGS_AT] = 0;
+        frame[FLAGS_AT] = u8::from(self.padded);
         frame[META_LEN_AT..META_LEN_AT + 2].copy_from_slice(&self.meta_len.to_le_bytes());
         frame[BODY_LEN_AT..BODY_LEN_AT + 4].copy_from_slice(&self.body_len.to_le_bytes());
         frame[RESERVED_AT..RESERVED_AT + 4].fill(0);
@@ -103,7 +107,8 @@ impl FrameHeader {
         let Some(kind) = FrameKind::from_u8(buf[KIND_AT]) else {
             return bad(KIND_AT, "frame kind", u64::from(buf[KIND_AT]));
         };
-        if buf[FLAGS_AT] != 0 {
+        let padded = buf[FLAGS_AT] == FLAG_PADDED && kind == FrameKind::Message;
+        if buf[FLAGS_AT] != 0 && !padded {
             return bad(FLAGS_AT, "frame flags", u64::from(buf[FLAGS_AT]));
         }
         if get_u32(buf, RESERVED_AT) != 0 {
@@ -138,6 +143,7 @@ impl FrameHeader {
             kind,
             meta_len,
             body_len,
+            padded,
         })
     }
 
@@ -182,7 +188,9 @@ pub fn aad(segment_id: u64, offset: u64, h: &FrameHeader, part: Part) -> [u8; AA
     a[..8].copy_from_slice(&segment_id.to_le_bytes());
     a[8..16].copy_from_slice(&offset.to_le_bytes());
     a[16] = h.kind as u8;
-    a[17] = part as u8;
+    // The padding flag is bound too (0x10), so it cannot be flipped unnoticed; unpadded
+    // frames have the same associated data as in format version 2.
+    a[17] = part as u8 | if h.padded { 0x10 } else { 0 };
     a[18..20].copy_from_slice(&h.meta_len.to_le_bytes());
     a[20..24].copy_from_slice(&h.body_len.to_le_bytes());
     a
@@ -305,6 +313,7 @@ mod tests {
             kind: FrameKind::Message,
             meta_len: (MESSAGE_META_FIXED + 3 + TAG_LEN) as u16,
             body_len: 100,
+            padded: true,
         };
         let mut f = vec![7u8; h.frame_len()];
         h.encode_into(&mut f);
@@ -325,6 +334,7 @@ mod tests {
             kind: FrameKind::Message,
             meta_len: 40,
             body_len: u32::MAX,
+            padded: false,
         }
         .encode_into(&mut f);
         assert!(FrameHeader::decode(&f).is_err());

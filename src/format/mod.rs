@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod frame;
 pub mod keystore;
+pub mod padding;
 pub mod segment_header;
 
 use crate::error::CorruptionKind;

@@ -158,7 +158,7 @@ fn copy_out(
     copies: &mut Vec<Copy>,
 ) -> Result<()> {
     for m in live {
-        let payload = open_payload(seg, &m)?;
+        let (payload, padded_to) = open_payload(seg, &m)?;
         let bucket = Bucket::for_message(
             SURVIVORS,
             m.expires_at_ms.saturating_sub(m.created_at_ms),
@@ -177,7 +177,7 @@ fn copy_out(
         };
         // A fresh key and a fresh offset: the copy never shares a key stream with the
         // original (the JetStream re-encryption pitfall).
-        let frame = codec::seal_message(&r.seg.key, r.seg.id, r.offset, &meta, &payload);
+        let frame = codec::seal_message(&r.seg.key, r.seg.id, r.offset, &meta, &payload, padded_to);
         inner.writer.submit(&r, frame);
         copies.push(Copy {
             queue: m.queue,
@@ -278,7 +278,9 @@ fn live_messages(inner: &Inner, seg: &Segment, now: u64) -> Result<Vec<Live>> {
     Ok(out)
 }
 
-fn open_payload(seg: &Segment, m: &Live) -> Result<Vec<u8>> {
+/// The payload of a live message, and its body's padded length if it is padded (the copy
+/// keeps the original's frame length, which its reservation was made for).
+fn open_payload(seg: &Segment, m: &Live) -> Result<(Vec<u8>, Option<usize>)> {
     let mut frame = seg.read_at(m.off, m.len as usize)?;
     let h = FrameHeader::decode(&frame).map_err(|e| e.into_error(&seg.path, m.off))?;
     match codec::open_frame(&seg.key, seg.id, m.off, h, &mut frame)
@@ -297,5 +299,8 @@ fn open_payload(seg: &Segment, m: &Live) -> Result<Vec<u8>> {
         .map_err(|e| e.into_error(&seg.path, m.off))?;
     frame.truncate(r.end);
     frame.drain(..r.start);
-    Ok(frame)
+    let padded_to = h
+        .padded
+        .then(|| h.body_len as usize - crate::crypto::TAG_LEN);
+    Ok((frame, padded_to))
 }

@@ -6,11 +6,12 @@ use crate::format::frame::{
     aad, finish_crc, nonce, FrameHeader, FrameKind, MessageMeta, Part, SealMeta, FRAME_HEADER_LEN,
     SEAL_META_LEN,
 };
-use crate::format::FormatError;
+use crate::format::{padding, FormatError};
 
-/// Length of the frame holding a message with this queue id and payload.
-pub fn message_frame_len(queue_len: usize, payload_len: usize) -> usize {
-    FRAME_HEADER_LEN + MessageMeta::encoded_len(queue_len) + TAG_LEN + payload_len + TAG_LEN
+/// Length of the frame holding a message with this queue id and a body of `body_plain`
+/// bytes (the payload, or its padded length: [`padding::padded_len`]).
+pub fn message_frame_len(queue_len: usize, body_plain: usize) -> usize {
+    FRAME_HEADER_LEN + MessageMeta::encoded_len(queue_len) + TAG_LEN + body_plain + TAG_LEN
 }
 
 /// Length of an ack frame holding `n` ids.
@@ -41,24 +42,32 @@ fn seal_parts(key: &SealKey, segment_id: u64, offset: u64, h: FrameHeader, frame
 }
 
 /// Builds the sealed frame of one message, to be written at `offset` of segment
-/// `segment_id`.
+/// `segment_id`. `padded_to`: the padded body length (`padding::padded_len`, more than
+/// the payload), or `None` for an unpadded body.
 pub fn seal_message(
     key: &SealKey,
     segment_id: u64,
     offset: u64,
     meta: &MessageMeta<'_>,
     payload: &[u8],
+    padded_to: Option<usize>,
 ) -> Vec<u8> {
     let meta_plain = MessageMeta::encoded_len(meta.queue.len());
+    let body_plain = padded_to.unwrap_or(payload.len());
     let h = FrameHeader {
         kind: FrameKind::Message,
         meta_len: (meta_plain + TAG_LEN) as u16,
-        body_len: (payload.len() + TAG_LEN) as u32,
+        body_len: (body_plain + TAG_LEN) as u32,
+        padded: padded_to.is_some(),
     };
     let mut frame = vec![0u8; h.frame_len()];
     meta.encode_into(&mut frame[FRAME_HEADER_LEN..FRAME_HEADER_LEN + meta_plain]);
     let b = h.body_range();
-    frame[b.start..b.end - TAG_LEN].copy_from_slice(payload);
+    let body = &mut frame[b.start..b.end - TAG_LEN];
+    body[..payload.len()].copy_from_slice(payload);
+    if h.padded {
+        padding::pad(body, payload.len());
+    }
     seal_parts(key, segment_id, offset, h, &mut frame);
     frame
 }
@@ -69,6 +78,7 @@ pub fn seal_acks(key: &SealKey, segment_id: u64, offset: u64, ids: &[u64]) -> Ve
         kind: FrameKind::Acks,
         meta_len: (4 + TAG_LEN) as u16,
         body_len: (ids.len() * 8 + TAG_LEN) as u32,
+        padded: false,
     };
     let mut frame = vec![0u8; h.frame_len()];
     frame[FRAME_HEADER_LEN..FRAME_HEADER_LEN + 4]
@@ -95,6 +105,7 @@ pub fn seal_segment(
         kind: FrameKind::Seal,
         meta_len: SEAL_META_LEN as u16,
         body_len: 0,
+        padded: false,
     };
     let mut s = SealMeta {
         record_count,
@@ -187,7 +198,13 @@ pub fn open_frame(
                 return Ok(Opened::Acks(ids));
             }
             let meta = MessageMeta::decode(plain).map_err(|e| e.shifted(m.start))?;
-            if meta.payload_len as usize + TAG_LEN != h.body_len as usize {
+            let body_plain = h.body_len as usize - TAG_LEN;
+            let fits = if h.padded {
+                (meta.payload_len as usize) < body_plain
+            } else {
+                meta.payload_len as usize == body_plain
+            };
+            if !fits {
                 return Err(FormatError::at(
                     m.start,
                     CorruptionKind::BadField {
@@ -223,7 +240,7 @@ pub fn open_body(
 }
 
 /// Opens the sealed body (exactly `h.body_range()` of the frame at `offset`, copied out
-/// on its own) in place; returns the payload length.
+/// on its own) in place; returns the payload length (without padding).
 pub fn open_body_part(
     key: &SealKey,
     segment_id: u64,
@@ -242,7 +259,19 @@ pub fn open_body_part(
         ));
     }
     open_part(key, segment_id, offset, h, Part::Body, body, at)?;
-    Ok(body.len() - TAG_LEN)
+    let plain = &body[..body.len() - TAG_LEN];
+    if !h.padded {
+        return Ok(plain.len());
+    }
+    padding::unpadded_len(plain).ok_or_else(|| {
+        FormatError::at(
+            at,
+            CorruptionKind::BadField {
+                field: "body padding",
+                value: plain.len() as u64,
+            },
+        )
+    })
 }
 
 fn open_part(
@@ -284,7 +313,7 @@ mod tests {
             payload_len: 5,
             queue: b"q1",
         };
-        let mut f = seal_message(&key, 3, 64, &meta, b"hello");
+        let mut f = seal_message(&key, 3, 64, &meta, b"hello", None);
         assert_eq!(f.len(), message_frame_len(2, 5));
         assert!(!f.windows(5).any(|w| w == b"hello"));
         let h = FrameHeader::decode(&f).unwrap();
