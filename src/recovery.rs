@@ -118,7 +118,7 @@ fn list_dir(dir: &Path) -> Result<Listing> {
             // no file and is dropped below.
             fs::remove_file(entry.path())
                 .map_err(|e| Error::io("remove temp segment", entry.path(), e))?;
-        } else if name == format!("{KEYSTORE_FILE}.tmp") {
+        } else if name == format!("{KEYSTORE_FILE}.tmp") || name == format!("{AUDIT_FILE}.tmp") {
             // An interrupted keystore write: the rename never happened, the old file rules.
             fs::remove_file(entry.path())
                 .map_err(|e| Error::io("remove temp keystore", entry.path(), e))?;
@@ -152,6 +152,7 @@ fn reconcile(
     ks: &mut KeyStore,
     files: &HashMap<u64, PathBuf>,
     report: &mut RecoveryReport,
+    dropped: &mut Vec<crate::keys::audit::Event>,
 ) -> Result<Vec<PathBuf>> {
     let mut unkeyed = Vec::new();
     for (&id, path) in files {
@@ -174,8 +175,10 @@ fn reconcile(
         .segment_ids()
         .filter(|id| !files.contains_key(id))
         .collect();
-    for id in &orphans {
-        ks.remove(*id);
+    for &id in &orphans {
+        if let Some(kek) = ks.remove(id) {
+            dropped.push((AuditEvent::DekShredded, id, kek));
+        }
     }
     report.orphan_keys = orphans.len();
     Ok(unkeyed)
@@ -199,11 +202,12 @@ pub fn recover(
     report.audit_torn_tail_cut = found.torn_tail_cut;
     report.audit_log_created = found.created;
     let last_rotation_ms = found.last_rotation_ms;
-    let unkeyed = reconcile(&mut ks, &listing.segments, &mut report)?;
+    // Keys dropped because their file never came to be are shredded too: audited.
+    let mut events = Vec::new();
+    let unkeyed = reconcile(&mut ks, &listing.segments, &mut report, &mut events)?;
     let mut work = Vec::new();
     let mut ids: Vec<u64> = ks.segment_ids().collect();
     ids.sort_unstable();
-    let mut events = Vec::with_capacity(ids.len());
     for id in ids {
         let dek = ks
             .unwrap_key(id, provider)?

@@ -526,3 +526,52 @@ fn core_dumps_can_be_disabled_for_the_process() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("@@CORE 0 0"), "{stdout}");
 }
+
+#[test]
+fn damage_past_what_the_keystore_vouches_for_is_cut_not_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = key(tmp.path(), "k1");
+    let data = busy_store(tmp.path(), &k);
+    let path = data.join("KEYS.audit");
+    let good = std::fs::read(&path).unwrap();
+    // Two whole records of garbage after the anchored ones: an append whose pages landed
+    // out of order before a power loss.
+    let mut b = good.clone();
+    b.extend_from_slice(&[0x5a; 144]);
+    std::fs::write(&path, &b).unwrap();
+    let s = Store::open(&data, opts(&k)).unwrap();
+    assert_eq!(s.recovery_report().audit_torn_tail_cut, 144);
+    drop(s);
+    let log = cinder::key_audit_log(&data, Some(&*k as &dyn KeyProvider)).unwrap();
+    assert_eq!(log.matches_keystore, Some(true));
+    // Strict refuses the same damage.
+    let mut b = std::fs::read(&path).unwrap();
+    b.extend_from_slice(&[0x5a; 72]);
+    std::fs::write(&path, &b).unwrap();
+    let mut o = opts(&k);
+    o.recovery = cinder::RecoveryMode::Strict;
+    assert!(Store::open(&data, o).is_err());
+}
+
+#[test]
+fn a_failing_automatic_rotation_does_not_hold_up_shredding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = key(tmp.path(), "k1");
+    let clock = ManualClock::new(1_000_000);
+    let mut o = opts(&k);
+    o.clock = clock.clone();
+    o.auto_rotation = Some(AutoRotation {
+        every: HOUR,
+        next_key: Arc::new(|| Err(Error::KeyProvider("the key service is down".into()))),
+    });
+    let s = Store::open(tmp.path().join("data"), o).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..200u32 {
+        ids.push(s.append(b"q", &[i as u8; 700], HOUR).unwrap());
+    }
+    s.ack_batch(b"q", &ids).unwrap();
+    clock.advance(HOUR * 2);
+    let err = s.maintain().unwrap_err();
+    assert!(err.to_string().contains("key service"), "{err}");
+    assert!(s.stats().shreds > 0, "rotation failure stopped shredding");
+}

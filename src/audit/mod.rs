@@ -43,6 +43,7 @@ pub(crate) fn list(dir: &Path) -> Result<Listing> {
             l.keystore = Some(path);
         } else if name == "LOCK" || name == crate::keys::audit::FILE_NAME {
         } else if name == format!("{KEYSTORE_FILE}.tmp")
+            || name == format!("{}.tmp", crate::keys::audit::FILE_NAME)
             || name
                 .strip_suffix(".tmp")
                 .and_then(segment::parse_file_name)

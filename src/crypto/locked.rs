@@ -1,5 +1,8 @@
-//! Memory for key material: locked in RAM (`mlock`, never swapped out) and left out of
-//! core dumps (`MADV_DONTDUMP`), where the OS allows; wiped when a key is dropped.
+//! Memory for key material: locked in RAM (`mlock`, never swapped out), left out of core
+//! dumps (`MADV_DONTDUMP`) and zeroed in forked children (`MADV_WIPEONFORK`), where the
+//! OS allows; wiped when a key is dropped. A key's bytes pass through the stack on their
+//! way in (generation, unwrap, ring's key expansion); those transient copies are not
+//! under this module's control.
 //!
 //! Keys live in fixed 1 KiB slots carved from 64 KiB chunks that are allocated once and
 //! never returned to the allocator (so a slot's memory is never handed to other code,
@@ -13,14 +16,14 @@ use parking_lot::Mutex;
 
 /// Bytes per key slot (an expanded ChaCha20-Poly1305 key fits with room to spare).
 pub const SLOT: usize = 1024;
-/// Bytes allocated, locked and marked at a time.
+/// Bytes allocated, locked and marked at a time (at least one page).
 const CHUNK: usize = 64 << 10;
-const PAGE: usize = 4096;
 
 struct Arena {
     /// Addresses of free slots.
     free: Vec<usize>,
-    chunks: usize,
+    /// Bytes of chunks allocated.
+    reserved: usize,
     in_use: usize,
     locked: bool,
     dontdump: bool,
@@ -29,7 +32,7 @@ struct Arena {
 
 static ARENA: Mutex<Arena> = Mutex::new(Arena {
     free: Vec::new(),
-    chunks: 0,
+    reserved: 0,
     in_use: 0,
     locked: true,
     dontdump: true,
@@ -56,9 +59,9 @@ pub fn status() -> KeyMemoryStatus {
     let a = ARENA.lock();
     KeyMemoryStatus {
         slots_in_use: a.in_use,
-        bytes_reserved: a.chunks * CHUNK,
-        locked: a.chunks > 0 && a.locked,
-        excluded_from_core_dumps: a.chunks > 0 && a.dontdump,
+        bytes_reserved: a.reserved,
+        locked: a.reserved > 0 && a.locked,
+        excluded_from_core_dumps: a.reserved > 0 && a.dontdump,
         error: a.error.clone(),
     }
 }
@@ -95,8 +98,18 @@ fn take_slot() -> NonNull<u8> {
     NonNull::new(addr as *mut u8).expect("slot addresses are never null")
 }
 
+/// The OS page size (madvise and mlock work on whole pages).
+fn page_size() -> usize {
+    #[expect(unsafe_code, reason = "sysconf")]
+    // SAFETY: sysconf reads a system constant; no memory is involved.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p).unwrap_or(4096).max(4096)
+}
+
 fn grow(a: &mut Arena) {
-    let layout = std::alloc::Layout::from_size_align(CHUNK, PAGE).expect("valid layout");
+    let page = page_size();
+    let chunk = CHUNK.max(page);
+    let layout = std::alloc::Layout::from_size_align(chunk, page).expect("valid layout");
     #[expect(unsafe_code, reason = "allocating the key arena")]
     // SAFETY: the layout has a non-zero size. The chunk is never deallocated, so slot
     // pointers into it stay valid for the life of the process.
@@ -105,12 +118,14 @@ fn grow(a: &mut Arena) {
         std::alloc::handle_alloc_error(layout);
     }
     #[expect(unsafe_code, reason = "mlock and madvise on memory this module owns")]
-    // SAFETY: `base..base + CHUNK` is a live, page-aligned allocation owned by the arena;
-    // mlock and madvise(MADV_DONTDUMP) change only its paging and dump attributes.
+    // SAFETY: `base..base + chunk` is a live, page-aligned allocation owned by the arena;
+    // mlock and madvise change only its paging, dump and fork attributes.
     let (lock_rc, dump_rc) = unsafe {
+        // A forked child gets zeros here instead of the keys (Linux ≥ 4.14; best effort).
+        let _ = libc::madvise(base.cast(), chunk, libc::MADV_WIPEONFORK);
         (
-            libc::mlock(base.cast(), CHUNK),
-            libc::madvise(base.cast(), CHUNK, libc::MADV_DONTDUMP),
+            libc::mlock(base.cast(), chunk),
+            libc::madvise(base.cast(), chunk, libc::MADV_DONTDUMP),
         )
     };
     if lock_rc != 0 {
@@ -127,10 +142,10 @@ fn grow(a: &mut Arena) {
             std::io::Error::last_os_error()
         ));
     }
-    a.chunks += 1;
+    a.reserved += chunk;
     let base = base as usize;
     a.free
-        .extend((0..CHUNK / SLOT).rev().map(|i| base + i * SLOT));
+        .extend((0..chunk / SLOT).rev().map(|i| base + i * SLOT));
 }
 
 fn return_slot(p: NonNull<u8>) {

@@ -93,8 +93,11 @@ pub fn maintain(inner: &Inner, next_shard: &mut usize, shards: usize) -> Result<
         *next_shard = (*next_shard + 1) % crate::index::Index::shard_count();
     }
     inner.drop_expired(&expired);
-    rotate_if_due(inner, now)?;
-    shred_dead(inner, now)
+    // A failing rotation (its key source down, say) must never hold up shredding: shred
+    // first, then report the rotation's error (kept in `last_gc_error`, retried next pass).
+    let rotated = rotate_if_due(inner, now);
+    let shredded = shred_dead(inner, now)?;
+    rotated.map(|()| shredded)
 }
 
 /// Automatic master-key rotation (`Options::auto_rotation`), when its interval is up.

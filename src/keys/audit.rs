@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{CorruptionKind, Error, Result};
 use crate::format::audit::{self as fmt, AuditEvent, HEADER_LEN, RECORD_LEN};
+use crate::format::FormatError;
 use crate::fsutil;
 use crate::options::RecoveryMode;
 
@@ -56,32 +57,40 @@ impl KeyAudit {
             Err(e) => return Err(Error::io("read key audit log", &path, e)),
         };
         let mut found = AuditOpen::default();
+        let anchored = anchor.map_or(0, |a| a.0);
+        // No log, or one too short to hold its header (a creation cut short), while the
+        // keystore vouches for no record: start a new one.
+        let bytes = bytes.filter(|b| b.len() >= HEADER_LEN || anchored > 0);
         let Some(bytes) = bytes else {
-            if let Some((n, _)) = anchor.filter(|a| a.0 > 0) {
+            if anchored > 0 {
                 return Err(Error::corruption(
                     &path,
                     0,
                     CorruptionKind::AuditLogBehindKeystore {
                         records: 0,
-                        anchored: n,
+                        anchored,
                     },
                 ));
             }
-            let file = fsutil::create_private_file(&path)?;
-            file.write_all_at(&fmt::encode_header(), 0)
-                .and_then(|()| file.sync_all())
-                .map_err(|e| Error::io("write key audit log", &path, e))?;
-            fsutil::sync_dir(dir)?;
             found.created = true;
-            let log = KeyAudit {
-                path,
-                file,
-                records: 0,
-                head: [0; 32],
-            };
-            return Ok((log, found));
+            return Ok((Self::create(path)?, found));
         };
-        let log = fmt::decode_log(&bytes).map_err(|e| e.into_error(&path, 0))?;
+        let log = match fmt::decode_log(&bytes) {
+            Ok(l) => l,
+            // Damage past the records the keystore vouches for is an append a crash cut
+            // short (after power loss its pages may land out of order): cut it there.
+            Err(FormatError::Corrupt { offset, .. })
+                if mode == RecoveryMode::TolerateTornTail
+                    && offset >= (HEADER_LEN + anchored as usize * RECORD_LEN) as u64 =>
+            {
+                let whole = (offset as usize - HEADER_LEN) / RECORD_LEN;
+                let keep = HEADER_LEN + whole * RECORD_LEN;
+                let mut l = fmt::decode_log(&bytes[..keep]).map_err(|e| e.into_error(&path, 0))?;
+                l.torn_tail = bytes.len() - keep;
+                l
+            }
+            Err(e) => return Err(e.into_error(&path, 0)),
+        };
         let records = log.records.len() as u64;
         if let Some(a @ (n, _)) = anchor {
             if !log.reaches(a) {
@@ -136,6 +145,23 @@ impl KeyAudit {
         ))
     }
 
+    /// A new, empty log, created whole by one rename: a crash never leaves a header-less
+    /// log behind.
+    fn create(path: PathBuf) -> Result<Self> {
+        fsutil::replace_file(&path, &fmt::encode_header())?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("open key audit log", &path, e))?;
+        Ok(KeyAudit {
+            path,
+            file,
+            records: 0,
+            head: [0; 32],
+        })
+    }
+
     /// Appends `events` (time `now_ms`) and fsyncs them.
     pub fn append(&mut self, events: &[Event], now_ms: u64) -> Result<()> {
         if events.is_empty() {
@@ -156,10 +182,16 @@ impl KeyAudit {
             buf.extend_from_slice(&r);
         }
         let at = HEADER_LEN as u64 + self.records * RECORD_LEN as u64;
-        self.file
+        if let Err(e) = self
+            .file
             .write_all_at(&buf, at)
             .and_then(|()| self.file.sync_data())
-            .map_err(|e| Error::io("append to key audit log", &self.path, e))?;
+        {
+            // Leave no partial records behind for a later, shorter append to sit in
+            // front of (best effort: recovery cuts an unvouched tail anyway).
+            let _ = self.file.set_len(at);
+            return Err(Error::io("append to key audit log", &self.path, e));
+        }
         self.records += events.len() as u64;
         self.head = head;
         Ok(())

@@ -55,8 +55,8 @@ impl Default for BackupParams {
 }
 
 impl BackupParams {
-    /// Bounds a restore accepts, so that a hostile backup cannot demand gigabytes or
-    /// hours: memory 8 MiB ..= 4 GiB, passes 1 ..= 64, lanes 1 ..= 16.
+    /// Bounds a restore accepts, checked before any work, so that a hostile backup's
+    /// demands stay bounded: memory 8 MiB ..= 4 GiB, passes 1 ..= 64, lanes 1 ..= 16.
     fn check(self) -> Result<()> {
         let ok = (8 << 10..=4 << 20).contains(&self.memory_kib)
             && (1..=64).contains(&self.passes)

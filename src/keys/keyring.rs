@@ -94,6 +94,7 @@ impl Keyring {
     /// unlinks the files.
     pub fn shred(&self, ids: &[u64]) -> Result<()> {
         let mut st = self.store.lock();
+        let before = st.ks.clone_entries();
         let events: Vec<Event> = ids
             .iter()
             .filter_map(|&id| {
@@ -105,7 +106,13 @@ impl Keyring {
         if events.is_empty() {
             return Ok(());
         }
-        self.persist(&mut st, &events)
+        if let Err(e) = self.persist(&mut st, &events) {
+            // Not shredded on disk: keep the keys in memory too, so that the retry
+            // persists again instead of finding nothing to remove and calling it done.
+            st.ks.restore_entries(before);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Records the final lengths of sealed segments, durably.
@@ -146,9 +153,16 @@ impl Keyring {
         events.push((AuditEvent::MasterKeyRotated, new_id, old_id));
         *self.provider.write() = new;
         if let Err(e) = self.persist(&mut st, &events) {
-            // The rename did not happen (or is not known durable): keep the old key.
-            st.ks.restore_entries(before);
-            *self.provider.write() = old;
+            // Whether the keystore on disk is now under the new key decides which state
+            // is true: the rename may have happened before the error (a failed dir fsync).
+            let on_disk = std::fs::read(st.ks.path())
+                .ok()
+                .and_then(|b| crate::format::keystore::KeystoreImage::decode(&b).ok())
+                .map(|img| img.kek_id);
+            if on_disk != Some(new_id) {
+                st.ks.restore_entries(before);
+                *self.provider.write() = old;
+            }
             return Err(e);
         }
         Ok(RotationReport {
