@@ -75,6 +75,7 @@ fn payloads_round_trip_and_the_files_show_only_buckets() {
             // Nearby sizes share a bucket: 1000 and 1023 look the same on disk.
             assert_eq!(padded_len(mode, 1000), padded_len(mode, 1023));
         }
+        drop(s);
         let key = FileKeyProvider::open(tmp.path().join("key")).unwrap();
         let v = cinder::verify(&data, &key).unwrap();
         assert!(v.is_clean(), "{mode:?}: {:?}", v.problems);
