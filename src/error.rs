@@ -117,6 +117,9 @@ pub enum Error {
     /// The key provider's key-encryption key is not the one the keystore was written with.
     #[error("wrong master key: the keystore was written under key {expected:016x}, the provider holds key {got:016x}")]
     WrongMasterKey { expected: u64, got: u64 },
+    /// The HSM (PKCS#11 provider) failed: which way, and the module's own words.
+    #[error("HSM: {kind}: {detail}")]
+    Hsm { kind: HsmFailure, detail: String },
     /// A key backup could not be used: not a backup, another version, out-of-bounds
     /// parameters, or a passphrase too short to seal one.
     #[error("invalid key backup: {0}")]
@@ -183,5 +186,35 @@ impl Error {
             offset,
             kind,
         }
+    }
+}
+
+/// How an HSM call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HsmFailure {
+    /// The PKCS#11 module could not be loaded or initialised.
+    Module,
+    /// No token with the configured label.
+    TokenNotFound,
+    /// The PIN was refused (or could not be read).
+    WrongPin,
+    /// The session or the token went away (reopened once automatically).
+    SessionLost,
+    /// An epoch key is gone from the token: what it wrapped is shredded for good.
+    EpochKeyDestroyed,
+    /// Any other failure of a PKCS#11 call.
+    Operation,
+}
+
+impl std::fmt::Display for HsmFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Module => "module not loadable",
+            Self::TokenNotFound => "token not found",
+            Self::WrongPin => "PIN refused",
+            Self::SessionLost => "session lost",
+            Self::EpochKeyDestroyed => "epoch key destroyed",
+            Self::Operation => "operation failed",
+        })
     }
 }

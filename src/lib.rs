@@ -39,10 +39,12 @@ pub use audit::{
     inspect, key_audit_log, key_status, verify, Finding, InspectReport, KeyAuditLog, KeyStatus,
     KeystoreInfo, MasterKeyStatus, QueueSummary, SegmentInfo, VerifyReport,
 };
-pub use error::{CorruptionKind, Error, Result};
+pub use error::{CorruptionKind, Error, HsmFailure, Result};
 pub use format::audit::{AuditEvent, AuditRecord};
 pub use format::padding::Padding;
-pub use keys::{FileKeyProvider, KeyProvider, RotationReport};
+pub use keys::{
+    FileKeyProvider, KeyProvider, PinSource, Pkcs11Config, Pkcs11KeyProvider, RotationReport,
+};
 pub use options::{
     AutoRotation, Clock, CoreDumps, Durability, ManualClock, Options, RecoveryMode, SystemClock,
 };

@@ -178,6 +178,10 @@ mod doc_consts {
         assert_eq!(documented("AAD_LEN"), frame::AAD_LEN as u64);
         assert_eq!(documented("AUDIT_RECORD_LEN"), audit::RECORD_LEN as u64);
         assert_eq!(
+            documented("PKCS11_WRAPPED_LEN"),
+            crate::keys::pkcs11::WRAPPED_LEN as u64
+        );
+        assert_eq!(
             documented("BACKUP_LEN"),
             crate::keys::backup::BACKUP_LEN as u64
         );

@@ -73,8 +73,22 @@ impl Keyring {
         let dek = Dek::generate()?;
         let provider = Arc::clone(&self.provider.read());
         let kek = provider.kek_id();
+        // A data key wrapped in an epoch no other live key is in: a new epoch key.
+        let epochs_before: std::collections::HashSet<u64> = st
+            .ks
+            .wrapped_keys()
+            .iter()
+            .filter_map(|w| provider.epoch_of(w))
+            .collect();
         st.ks.add(id, &dek, &*provider)?;
-        if let Err(e) = self.persist(&mut st, &[(AuditEvent::DekCreated, id, kek)]) {
+        let mut events = Vec::with_capacity(2);
+        if let Some(e) = st.ks.wrapped_of(id).and_then(|w| provider.epoch_of(w)) {
+            if !epochs_before.contains(&e) {
+                events.push((AuditEvent::EpochKeyCreated, e, kek));
+            }
+        }
+        events.push((AuditEvent::DekCreated, id, kek));
+        if let Err(e) = self.persist(&mut st, &events) {
             st.ks.remove(id);
             return Err(e);
         }
@@ -111,6 +125,20 @@ impl Keyring {
             // persists again instead of finding nothing to remove and calling it done.
             st.ks.restore_entries(before);
             return Err(e);
+        }
+        // Now that no live keystore holds them, epoch keys nothing needs are destroyed
+        // (HSM provider): old copies of these wrapped keys can never be opened again.
+        let provider = Arc::clone(&self.provider.read());
+        let live = st.ks.wrapped_keys();
+        let live: Vec<&[u8]> = live.iter().map(Vec::as_slice).collect();
+        let destroyed = provider.retire(&live)?;
+        if !destroyed.is_empty() {
+            let kek = provider.kek_id();
+            let events: Vec<Event> = destroyed
+                .iter()
+                .map(|&e| (AuditEvent::EpochKeyDestroyed, e, kek))
+                .collect();
+            self.persist(&mut st, &events)?;
         }
         Ok(())
     }

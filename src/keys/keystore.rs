@@ -199,6 +199,16 @@ impl KeyStore {
         Ok(ids)
     }
 
+    /// The wrapped keys of every live entry (for a provider's `retire`).
+    pub fn wrapped_keys(&self) -> Vec<Vec<u8>> {
+        self.entries.values().map(|e| e.wrapped.clone()).collect()
+    }
+
+    /// The wrapped key of a segment.
+    pub fn wrapped_of(&self, segment_id: u64) -> Option<&[u8]> {
+        self.entries.get(&segment_id).map(|e| &e.wrapped[..])
+    }
+
     /// A copy of the entries, to put back with [`restore_entries`](Self::restore_entries)
     /// when a change cannot be persisted.
     pub fn clone_entries(&self) -> BTreeMap<u64, KeyEntry> {

@@ -6,11 +6,13 @@ pub mod backup;
 mod file;
 pub(crate) mod keyring;
 pub(crate) mod keystore;
+pub mod pkcs11;
 
 use std::path::Path;
 
 pub use file::FileKeyProvider;
 pub use keyring::RotationReport;
+pub use pkcs11::{PinSource, Pkcs11Config, Pkcs11KeyProvider};
 
 use crate::crypto::Dek;
 use crate::error::Result;
@@ -36,5 +38,18 @@ pub trait KeyProvider: Send + Sync + std::fmt::Debug {
     /// data dir).
     fn key_file(&self) -> Option<&Path> {
         None
+    }
+
+    /// The epoch whose key wrapped `wrapped`, for providers with shred epochs (the
+    /// PKCS#11 provider); `None` otherwise.
+    fn epoch_of(&self, _wrapped: &[u8]) -> Option<u64> {
+        None
+    }
+
+    /// Called after keys were shredded durably, with every wrapped key still live: a
+    /// provider with destroyable key-encryption keys destroys those no live key needs.
+    /// Returns the ids (epochs) destroyed.
+    fn retire(&self, _live: &[&[u8]]) -> Result<Vec<u64>> {
+        Ok(Vec::new())
     }
 }

@@ -1,0 +1,249 @@
+//! The PKCS#11 provider against SoftHSM2: data keys wrapped by epoch keys that never leave
+//! the token; an epoch key destroyed once its segments are shredded, after which an old
+//! copy of the keystore can no longer open anything; typed errors for a wrong PIN and a
+//! missing token. Where SoftHSM2 is not installed these tests print a SKIP line and pass.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use cinder::{
+    AuditEvent, Error, HsmFailure, KeyProvider, ManualClock, Options, PinSource, Pkcs11Config,
+    Pkcs11KeyProvider, Store,
+};
+
+const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const PIN: &str = "4321-user-pin";
+const TOKENS: [&str; 3] = ["cinder-roundtrip", "cinder-epochs", "cinder-errors"];
+const HOUR: Duration = Duration::from_secs(3600);
+
+struct Hsm {
+    _dir: tempfile::TempDir,
+    pin_file: PathBuf,
+}
+
+/// One SoftHSM token dir for the process, with every test's token initialised before
+/// the module is first loaded (SoftHSM reads its tokens at initialisation).
+fn hsm() -> Option<&'static Hsm> {
+    static HSM: OnceLock<Option<Hsm>> = OnceLock::new();
+    HSM.get_or_init(|| {
+        if !Path::new(MODULE).exists()
+            || Command::new("softhsm2-util")
+                .arg("--version")
+                .output()
+                .is_err()
+        {
+            // Written to stderr directly, past the test harness's capture, so the skip
+            // is visible in a normal `cargo test` run.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP: HSM tests need SoftHSM2 ({MODULE}; apt-get install softhsm2)"
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir(&tokens).unwrap();
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+        for label in TOKENS {
+            let out = Command::new("softhsm2-util")
+                .args([
+                    "--init-token",
+                    "--free",
+                    "--label",
+                    label,
+                    "--pin",
+                    PIN,
+                    "--so-pin",
+                    "8765-so-pin",
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let pin_file = dir.path().join("pin");
+        std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+        std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Some(Hsm {
+            _dir: dir,
+            pin_file,
+        })
+    })
+    .as_ref()
+}
+
+/// SoftHSM is one process-wide library: the tests take turns.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static M: Mutex<()> = Mutex::new(());
+    M.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn provider(h: &Hsm, token: &str, clock: &Arc<ManualClock>) -> Arc<Pkcs11KeyProvider> {
+    let mut c = Pkcs11Config::new(MODULE, token, PinSource::File(h.pin_file.clone()));
+    c.clock = clock.clone();
+    Arc::new(Pkcs11KeyProvider::open(c).unwrap())
+}
+
+fn opts(p: &Arc<Pkcs11KeyProvider>, clock: &Arc<ManualClock>) -> Options {
+    let mut o = Options::new(p.clone());
+    o.clock = clock.clone();
+    o.segment_size = 64 << 10;
+    o.max_message_size = 8 << 10;
+    o.max_shred_delay = Duration::from_secs(2);
+    o.background_reaper = false;
+    o
+}
+
+#[test]
+fn a_store_on_the_hsm_provider_round_trips_and_reopens_with_a_new_session() {
+    let Some(h) = hsm() else { return };
+    let _g = serial();
+    let clock = ManualClock::new(1_000 * 3600 * 1000);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let p = provider(h, TOKENS[0], &clock);
+    let s = Store::open(&data, opts(&p, &clock)).unwrap();
+    for i in 0..100u32 {
+        s.append(b"q", &[i as u8; 900], HOUR).unwrap();
+    }
+    s.close().unwrap();
+    drop(s);
+    let p2 = provider(h, TOKENS[0], &clock);
+    assert_eq!(p2.kek_id(), p.kek_id(), "the key id is stable");
+    let s = Store::open(&data, opts(&p2, &clock)).unwrap();
+    assert_eq!(s.read(b"q", None, 1000).unwrap().len(), 100);
+    drop(s);
+    let log = cinder::key_audit_log(&data, None).unwrap();
+    assert!(log
+        .records
+        .iter()
+        .any(|r| r.event == AuditEvent::EpochKeyCreated && r.subject == 1_000));
+    assert_eq!(p2.epochs().unwrap(), vec![1_000]);
+}
+
+#[test]
+fn a_destroyed_epoch_key_leaves_an_old_keystore_copy_unopenable() {
+    let Some(h) = hsm() else { return };
+    let _g = serial();
+    let clock = ManualClock::new(5_000 * 3600 * 1000);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let p = provider(h, TOKENS[1], &clock);
+    let s = Store::open(&data, opts(&p, &clock)).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..60u32 {
+        ids.push(s.append(b"q", &[i as u8; 900], HOUR * 10).unwrap());
+    }
+    s.close().unwrap();
+    drop(s);
+    // A backup of the data dir while the messages were live: old keystore, old segments.
+    let backup = tmp.path().join("backup");
+    std::fs::create_dir(&backup).unwrap();
+    for e in std::fs::read_dir(&data).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "LOCK" {
+            std::fs::copy(e.path(), backup.join(e.file_name())).unwrap();
+        }
+    }
+    // Two hours later: every message is acked and its segments shredded.
+    clock.advance(HOUR * 2);
+    let s = Store::open(&data, opts(&p, &clock)).unwrap();
+    assert_eq!(s.ack_batch(b"q", &ids).unwrap(), 60);
+    for _ in 0..4 {
+        clock.advance(Duration::from_secs(1));
+        s.maintain().unwrap();
+    }
+    assert!(
+        !p.epochs().unwrap().contains(&5_000),
+        "epoch key still in the token"
+    );
+    drop(s);
+    let log = cinder::key_audit_log(&data, None).unwrap();
+    assert!(log
+        .records
+        .iter()
+        .any(|r| r.event == AuditEvent::EpochKeyDestroyed && r.subject == 5_000));
+    // The old copy no longer opens, with the HSM and its PIN in hand.
+    match Store::open(&backup, opts(&p, &clock)) {
+        Err(Error::Hsm {
+            kind: HsmFailure::EpochKeyDestroyed,
+            ..
+        }) => {}
+        other => panic!("an old keystore copy opened after its epoch key was destroyed: {other:?}"),
+    }
+}
+
+#[test]
+fn a_wrong_pin_and_a_missing_token_are_typed_errors() {
+    let Some(h) = hsm() else { return };
+    let _g = serial();
+    let bad = h.pin_file.with_file_name("bad-pin");
+    std::fs::write(&bad, "not-the-pin").unwrap();
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = Pkcs11KeyProvider::open(Pkcs11Config::new(
+        MODULE,
+        TOKENS[2],
+        PinSource::File(bad.clone()),
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Hsm {
+                kind: HsmFailure::WrongPin,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        !format!("{err} {err:?}").contains("not-the-pin"),
+        "the PIN leaked into an error"
+    );
+    let err = Pkcs11KeyProvider::open(Pkcs11Config::new(
+        MODULE,
+        "no-such-token",
+        PinSource::File(h.pin_file.clone()),
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Hsm {
+                kind: HsmFailure::TokenNotFound,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    std::env::set_var("CINDER_TEST_HSM_PIN", PIN);
+    let ok = Pkcs11KeyProvider::open(Pkcs11Config::new(
+        MODULE,
+        TOKENS[2],
+        PinSource::Env("CINDER_TEST_HSM_PIN".into()),
+    ));
+    assert!(ok.is_ok(), "{ok:?}");
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = Pkcs11KeyProvider::open(Pkcs11Config::new(MODULE, TOKENS[2], PinSource::File(bad)))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("readable by group or others"),
+        "{err}"
+    );
+}
