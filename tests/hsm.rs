@@ -16,7 +16,12 @@ use cinder::{
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const PIN: &str = "4321-user-pin";
-const TOKENS: [&str; 3] = ["cinder-roundtrip", "cinder-epochs", "cinder-errors"];
+const TOKENS: [&str; 4] = [
+    "cinder-roundtrip",
+    "cinder-epochs",
+    "cinder-errors",
+    "cinder-reconnect",
+];
 const HOUR: Duration = Duration::from_secs(3600);
 
 struct Hsm {
@@ -246,4 +251,37 @@ fn a_wrong_pin_and_a_missing_token_are_typed_errors() {
         err.to_string().contains("readable by group or others"),
         "{err}"
     );
+}
+
+#[test]
+fn a_lost_login_reconnects_and_a_file_key_store_rotates_onto_the_hsm() {
+    let Some(h) = hsm() else { return };
+    let _g = serial();
+    let clock = ManualClock::new(9_000 * 3600 * 1000);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    // A store that started with a key file moves its keys onto the HSM.
+    let file_key = Arc::new(cinder::FileKeyProvider::create(tmp.path().join("k")).unwrap());
+    let mut o = Options::new(file_key);
+    o.clock = clock.clone();
+    o.segment_size = 64 << 10;
+    o.max_message_size = 8 << 10;
+    o.background_reaper = false;
+    let s = Store::open(&data, o).unwrap();
+    for i in 0..30u32 {
+        s.append(b"q", &[i as u8; 900], HOUR).unwrap();
+    }
+    let p = provider(h, TOKENS[3], &clock);
+    s.rotate_master_key(p.clone()).unwrap();
+    // The token forgets the login (a reset, another process logging out): the next key
+    // operation logs in again instead of failing or calling the key destroyed.
+    let other = provider(h, TOKENS[3], &clock);
+    other.logout().unwrap();
+    for i in 0..80u32 {
+        s.append(b"q", &[i as u8; 900], HOUR).unwrap();
+    }
+    s.close().unwrap();
+    drop(s);
+    let s = Store::open(&data, opts(&p, &clock)).unwrap();
+    assert_eq!(s.len(b"q").unwrap(), 110);
 }

@@ -19,7 +19,7 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use parking_lot::Mutex;
@@ -121,12 +121,16 @@ fn ck(e: &CkError) -> Error {
     let kind = match e {
         CkError::LibraryLoading(_) => HsmFailure::Module,
         CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLenRange, _) => HsmFailure::WrongPin,
+        // Cached key handles go stale with the login: treated like a lost session (the
+        // retry reopens it and looks the key up again).
         CkError::Pkcs11(
             RvError::SessionHandleInvalid
             | RvError::SessionClosed
             | RvError::DeviceRemoved
             | RvError::TokenNotPresent
-            | RvError::UserNotLoggedIn,
+            | RvError::UserNotLoggedIn
+            | RvError::KeyHandleInvalid
+            | RvError::ObjectHandleInvalid,
             _,
         ) => HsmFailure::SessionLost,
         _ => HsmFailure::Operation,
@@ -251,6 +255,18 @@ impl Pkcs11KeyProvider {
                 Attribute::Label(label.clone()),
             ])
             .map_err(|e| ck(&e))?;
+        if found.is_empty() {
+            // Private objects are invisible to a session that lost its login: that is a
+            // lost session, not a destroyed key.
+            let state = c
+                .session
+                .get_session_info()
+                .map_err(|e| ck(&e))?
+                .session_state();
+            if state != SessionState::RwUser {
+                return Err(hsm(HsmFailure::SessionLost, "the session is not logged in"));
+            }
+        }
         let h = match found.first() {
             Some(&h) => h,
             None if create => c
@@ -273,6 +289,12 @@ impl Pkcs11KeyProvider {
         };
         c.keys.insert(epoch, h);
         Ok(Some(h))
+    }
+
+    /// Logs this application out of the token (every session of the process loses its
+    /// login, as after a token reset); the provider logs back in on its next call.
+    pub fn logout(&self) -> Result<()> {
+        self.conn.lock().session.logout().map_err(|e| ck(&e))
     }
 
     /// Epochs whose keys exist in the token.
