@@ -140,6 +140,9 @@ fn a_store_on_the_hsm_provider_round_trips_and_reopens_with_a_new_session() {
         .iter()
         .any(|r| r.event == AuditEvent::EpochKeyCreated && r.subject == 1_000));
     assert_eq!(p2.epochs().unwrap(), vec![1_000]);
+    let st = cinder::key_status(&data).unwrap();
+    assert_eq!(st.master_keys[0].provider, "pkcs11");
+    assert_eq!(st.epochs, vec![1_000]);
 }
 
 #[test]
@@ -284,4 +287,26 @@ fn a_lost_login_reconnects_and_a_file_key_store_rotates_onto_the_hsm() {
     drop(s);
     let s = Store::open(&data, opts(&p, &clock)).unwrap();
     assert_eq!(s.len(b"q").unwrap(), 110);
+}
+
+/// Wrap and unwrap rate through SoftHSM (not a test of timing: run it by hand with
+/// `cargo test --release --test hsm -- --ignored --nocapture` for BENCHMARKS.md).
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn hsm_wrap_rate() {
+    let Some(h) = hsm() else { return };
+    let _g = serial();
+    let clock = ManualClock::new(20_000 * 3600 * 1000);
+    let p = provider(h, TOKENS[2], &clock);
+    let dek = cinder::crypto::Dek::generate().unwrap();
+    let n = 2000;
+    let t = std::time::Instant::now();
+    let wrapped: Vec<Vec<u8>> = (0..n).map(|_| p.wrap(&dek, b"ctx").unwrap()).collect();
+    let wrap = f64::from(n) / t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    for w in &wrapped {
+        assert!(p.unwrap(w, b"ctx").unwrap().is_some());
+    }
+    let unwrap = f64::from(n) / t.elapsed().as_secs_f64();
+    println!("SoftHSM2: {wrap:.0} wraps/s, {unwrap:.0} unwraps/s");
 }

@@ -48,6 +48,9 @@ pub fn key_audit_log(dir: &Path, provider: Option<&dyn KeyProvider>) -> Result<K
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MasterKeyStatus {
     pub kek_id: u64,
+    /// Which kind of provider wrapped its keys, from the wrapped keys' layout: "file",
+    /// "pkcs11", or "unknown" (no live key to tell by).
+    pub provider: &'static str,
     /// The keystore is written under this key (the current one).
     pub current: bool,
     pub live_data_keys: u64,
@@ -101,6 +104,7 @@ pub fn key_status(dir: &Path) -> Result<KeyStatus> {
         img.kek_id,
         MasterKeyStatus {
             kek_id: img.kek_id,
+            provider: "unknown",
             current: true,
             ..MasterKeyStatus::default()
         },
@@ -108,9 +112,15 @@ pub fn key_status(dir: &Path) -> Result<KeyStatus> {
     for e in &img.entries {
         let m = per.entry(e.kek_id).or_insert_with(|| MasterKeyStatus {
             kek_id: e.kek_id,
+            provider: "unknown",
             ..MasterKeyStatus::default()
         });
         m.live_data_keys += 1;
+        m.provider = match e.wrapped.len() {
+            crate::keys::FILE_WRAPPED_LEN => "file",
+            crate::keys::pkcs11::WRAPPED_LEN => "pkcs11",
+            _ => "unknown",
+        };
         if let Some(&t) = created.get(&e.segment_id) {
             m.oldest_dek_ms = Some(m.oldest_dek_ms.map_or(t, |o| o.min(t)));
             m.newest_dek_ms = Some(m.newest_dek_ms.map_or(t, |o| o.max(t)));

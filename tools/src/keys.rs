@@ -179,13 +179,12 @@ fn status(dir: &std::path::Path, as_json: bool) -> Result<bool, Fatal> {
             .master_keys
             .iter()
             .map(|m| {
-                json!({"kek_id": hex(m.kek_id), "current": m.current,
+                json!({"kek_id": hex(m.kek_id), "provider": m.provider, "current": m.current,
                        "live_data_keys": m.live_data_keys,
                        "oldest_data_key_ms": m.oldest_dek_ms, "newest_data_key_ms": m.newest_dek_ms})
             })
             .collect();
         let doc = json!({
-            "provider": "file",
             "master_keys": mk,
             "live_data_keys": s.live_data_keys,
             "rotations": s.rotations,
@@ -207,8 +206,9 @@ fn status(dir: &std::path::Path, as_json: bool) -> Result<bool, Fatal> {
     println!("live data keys: {}", s.live_data_keys);
     for m in &s.master_keys {
         println!(
-            "master key {}{}: wraps {} live data keys (oldest {}, newest {})",
+            "master key {} ({}){}: wraps {} live data keys (oldest {}, newest {})",
             hex(m.kek_id),
+            m.provider,
             if m.current { " (current)" } else { "" },
             m.live_data_keys,
             age(m.oldest_dek_ms),
@@ -221,9 +221,9 @@ fn status(dir: &std::path::Path, as_json: bool) -> Result<bool, Fatal> {
         age(s.last_rotation_ms)
     );
     println!(
-        "epoch keys: {}",
+        "epoch keys in use: {}",
         if s.epochs.is_empty() {
-            "none (file provider)".into()
+            "none".into()
         } else {
             format!("{:?}", s.epochs)
         }

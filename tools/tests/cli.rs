@@ -342,6 +342,7 @@ fn keys_status_rotate_and_audit() {
     assert_eq!(code, 0);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["master_keys"][0]["kek_id"], format!("{old_id:016x}"));
+    assert_eq!(v["master_keys"][0]["provider"], "file");
     assert_eq!(v["rotations"], 0);
     // No secret material: the status names ids and counts only.
     let key_bytes = fs::read(&f.key).unwrap();
