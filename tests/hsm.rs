@@ -289,6 +289,37 @@ fn a_lost_login_reconnects_and_a_file_key_store_rotates_onto_the_hsm() {
     assert_eq!(s.len(b"q").unwrap(), 110);
 }
 
+#[test]
+fn a_quiet_store_lets_its_old_epoch_key_go_without_a_restart() {
+    let Some(h) = hsm() else { return };
+    let _g = serial();
+    let clock = ManualClock::new(30_000 * 3600 * 1000);
+    let tmp = tempfile::tempdir().unwrap();
+    let p = provider(h, TOKENS[1], &clock);
+    let s = Store::open(tmp.path().join("data"), opts(&p, &clock)).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..60u32 {
+        ids.push(s.append(b"q", &[i as u8; 900], HOUR).unwrap());
+    }
+    assert_eq!(s.ack_batch(b"q", &ids).unwrap(), 60);
+    assert!(p.epochs().unwrap().contains(&30_000));
+    // Two hours on, nothing else written: the spare segment made in epoch 30000 is
+    // retired too, so the epoch's key can go.
+    clock.advance(HOUR * 2);
+    for _ in 0..20 {
+        clock.advance(Duration::from_secs(1));
+        s.maintain().unwrap();
+        if !p.epochs().unwrap().contains(&30_000) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "epoch 30000's key outlived every segment it wrapped: {:?}",
+        p.epochs()
+    );
+}
+
 /// Wrap and unwrap rate through SoftHSM (not a test of timing: run it by hand with
 /// `cargo test --release --test hsm -- --ignored --nocapture` for BENCHMARKS.md).
 #[test]

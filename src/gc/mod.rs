@@ -93,6 +93,12 @@ pub fn maintain(inner: &Inner, next_shard: &mut usize, shards: usize) -> Result<
         *next_shard = (*next_shard + 1) % crate::index::Index::shard_count();
     }
     inner.drop_expired(&expired);
+    // An idle store's spare segment must not keep an epoch key alive (HSM provider).
+    if let Some(id) = inner.writer.spare_id() {
+        if inner.keyring.epoch_is_over(id) {
+            inner.writer.retire_spare(now);
+        }
+    }
     // A failing rotation (its key source down, say) must never hold up shredding: shred
     // first, then report the rotation's error (kept in `last_gc_error`, retried next pass).
     let rotated = rotate_if_due(inner, now);

@@ -200,6 +200,19 @@ impl Keyring {
         })
     }
 
+    /// Whether a segment's key was wrapped in an epoch that is over (HSM provider).
+    pub fn epoch_is_over(&self, segment_id: u64) -> bool {
+        let st = self.store.lock();
+        let p = self.provider.read();
+        match (
+            st.ks.wrapped_of(segment_id).and_then(|w| p.epoch_of(w)),
+            p.current_epoch(),
+        ) {
+            (Some(e), Some(now)) => e < now,
+            _ => false,
+        }
+    }
+
     /// The current provider's KEK id.
     pub fn kek_id(&self) -> u64 {
         self.provider.read().kek_id()

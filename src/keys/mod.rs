@@ -46,6 +46,11 @@ pub trait KeyProvider: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// The epoch new keys are wrapped in now, for providers with shred epochs.
+    fn current_epoch(&self) -> Option<u64> {
+        None
+    }
+
     /// Called after keys were shredded durably, with every wrapped key still live: a
     /// provider with destroyable key-encryption keys destroys those no live key needs.
     /// Returns the ids (epochs) destroyed.

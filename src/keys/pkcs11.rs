@@ -404,6 +404,10 @@ impl KeyProvider for Pkcs11KeyProvider {
         Self::epoch_in(wrapped)
     }
 
+    fn current_epoch(&self) -> Option<u64> {
+        Some(Pkcs11KeyProvider::current_epoch(self))
+    }
+
     fn retire(&self, live: &[&[u8]]) -> Result<Vec<u64>> {
         let current = self.current_epoch();
         let keep: BTreeSet<u64> = live.iter().filter_map(|w| Self::epoch_in(w)).collect();

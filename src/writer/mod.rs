@@ -555,6 +555,23 @@ impl Writer {
         self.check_failed()
     }
 
+    /// The spare segment's id, if one is ready.
+    pub fn spare_id(&self) -> Option<u64> {
+        self.state.lock().spare.as_ref().map(|s| s.id)
+    }
+
+    /// Closes the spare segment (it is sealed empty and then shredded like any dead
+    /// segment); a new spare is made in the next round. Used when the spare's key belongs
+    /// to an epoch that is over, so that an idle store does not keep that epoch's key.
+    pub fn retire_spare(&self, now_ms: u64) {
+        let mut st = self.state.lock();
+        if let Some(spare) = st.spare.take() {
+            let id = spare.id;
+            st.actives.insert(id, Active::new(spare, None, now_ms));
+            self.close_locked(&mut st, id);
+        }
+    }
+
     /// Ids of segments currently being written (never shredded).
     pub fn active_ids(&self) -> Vec<u64> {
         let st = self.state.lock();
