@@ -176,8 +176,8 @@ fn reconcile(
         .filter(|id| !files.contains_key(id))
         .collect();
     for &id in &orphans {
-        if let Some(kek) = ks.remove(id) {
-            dropped.push((AuditEvent::DekShredded, id, kek));
+        if let Some(e) = ks.remove(id) {
+            dropped.push((AuditEvent::DekShredded, id, e.kek_id));
         }
     }
     report.orphan_keys = orphans.len();

@@ -374,8 +374,12 @@ impl Store {
         let now = self.inner.now_ms();
         // 1. Issue ids and pending slots (all or nothing).
         let mut issued: Vec<(Arc<QueueCell>, u64, u64, u64)> = Vec::with_capacity(items.len());
-        for m in items {
-            let body = padding::padded_len(o.padding, m.payload.len());
+        // Body plaintext lengths (padded per `Options::padding`), for reserving and sealing.
+        let bodies: Vec<usize> = items
+            .iter()
+            .map(|m| padding::padded_len(o.padding, m.payload.len()))
+            .collect();
+        for (m, &body) in items.iter().zip(&bodies) {
             let flen = codec::message_frame_len(m.queue.len(), body) as u64;
             let expires = now + m.ttl.as_millis() as u64;
             match self.issue(m.queue, flen, expires) {
@@ -424,8 +428,7 @@ impl Store {
                 payload_len: m.payload.len() as u32,
                 queue: m.queue,
             };
-            let padded_to = (o.padding != padding::Padding::None)
-                .then(|| padding::padded_len(o.padding, m.payload.len()));
+            let padded_to = (o.padding != padding::Padding::None).then_some(bodies[i]);
             let frame =
                 codec::seal_message(&r.seg.key, r.seg.id, r.offset, &meta, m.payload, padded_to);
             sealed.push((r, frame));

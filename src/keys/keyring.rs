@@ -108,22 +108,18 @@ impl Keyring {
     /// unlinks the files.
     pub fn shred(&self, ids: &[u64]) -> Result<()> {
         let mut st = self.store.lock();
-        let before = st.ks.clone_entries();
-        let events: Vec<Event> = ids
-            .iter()
-            .filter_map(|&id| {
-                st.ks
-                    .remove(id)
-                    .map(|kek| (AuditEvent::DekShredded, id, kek))
-            })
-            .collect();
-        if events.is_empty() {
+        let removed: Vec<_> = ids.iter().filter_map(|&id| st.ks.remove(id)).collect();
+        if removed.is_empty() {
             return Ok(());
         }
+        let events: Vec<Event> = removed
+            .iter()
+            .map(|e| (AuditEvent::DekShredded, e.segment_id, e.kek_id))
+            .collect();
         if let Err(e) = self.persist(&mut st, &events) {
             // Not shredded on disk: keep the keys in memory too, so that the retry
             // persists again instead of finding nothing to remove and calling it done.
-            st.ks.restore_entries(before);
+            st.ks.restore(removed);
             return Err(e);
         }
         // Now that no live keystore holds them, epoch keys nothing needs are destroyed

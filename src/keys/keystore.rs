@@ -176,9 +176,17 @@ impl KeyStore {
     }
 
     /// Removes (in memory) a segment's key. Persist to make the shred durable. Returns
-    /// the id of the KEK that wrapped it, if it was there.
-    pub fn remove(&mut self, segment_id: u64) -> Option<u64> {
-        self.entries.remove(&segment_id).map(|e| e.kek_id)
+    /// the entry, if it was there.
+    pub fn remove(&mut self, segment_id: u64) -> Option<KeyEntry> {
+        self.entries.remove(&segment_id)
+    }
+
+    /// Puts back entries taken out by [`remove`](Self::remove) when the change could not
+    /// be persisted.
+    pub fn restore(&mut self, entries: Vec<KeyEntry>) {
+        for e in entries {
+            self.entries.insert(e.segment_id, e);
+        }
     }
 
     /// Re-wraps every data key under `new` (in memory; persist under `new` to make it
