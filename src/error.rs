@@ -133,6 +133,9 @@ pub enum Error {
     /// The master key file is readable by group or others.
     #[error("master key file {} has mode {mode:o}; it must not be readable by group or others (chmod 600)", path.display())]
     KeyFileInsecure { path: PathBuf, mode: u32 },
+    /// A file holding a secret (a passphrase, an HSM PIN) is readable by group or others.
+    #[error("secret file {} has mode {mode:o}; it must not be readable by group or others (chmod 600)", path.display())]
+    SecretFileInsecure { path: PathBuf, mode: u32 },
     /// The master key file is not 32 bytes.
     #[error("master key file {} is invalid: {reason}", path.display())]
     KeyFileInvalid { path: PathBuf, reason: String },

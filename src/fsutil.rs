@@ -28,6 +28,47 @@ pub fn create_private_file(path: &Path) -> Result<File> {
         .map_err(|e| Error::io("create file", path, e))
 }
 
+/// Writes `bytes` to a new private file (0600; fails if it exists), fsynced together with
+/// its directory: key files, key backups.
+pub fn write_new_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent {
+        create_private_dir(parent)?;
+    }
+    let mut f = create_private_file(path)?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io("write file", path, e))?;
+    if let Some(parent) = parent {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Reads a secret kept in a file (a passphrase, a PIN): the file must not be readable by
+/// group or others; one trailing newline is dropped. The bytes are wiped when dropped.
+pub fn read_secret(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(path).map_err(|e| Error::io("read secret file", path, e))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(Error::SecretFileInsecure {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let mut b = zeroize::Zeroizing::new(
+        fs::read(path).map_err(|e| Error::io("read secret file", path, e))?,
+    );
+    if b.ends_with(b"\n") {
+        b.pop();
+        if b.ends_with(b"\r") {
+            b.pop();
+        }
+    }
+    Ok(b)
+}
+
 /// fsyncs a directory so that creations, renames and unlinks in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)

@@ -294,14 +294,12 @@ mod tests {
         assert_eq!(*b, [0xa5; 32]);
         let st = status();
         assert!(st.slots_in_use >= 1);
-        if let Some((flags, locked_kb)) = smaps_of(addr) {
-            if st.excluded_from_core_dumps {
-                assert!(flags.split(' ').any(|f| f == "dd"), "VmFlags {flags}");
-            }
-            if st.locked {
-                assert!(locked_kb > 0, "not locked");
-            }
-        }
+        // MADV_DONTDUMP exists on every Linux this builds for; mlock depends on the
+        // memlock limit, so the kernel's view must agree with what status() reports.
+        assert!(st.excluded_from_core_dumps, "{st:?}");
+        let (flags, locked_kb) = smaps_of(addr).expect("the key arena in /proc/self/smaps");
+        assert!(flags.split(' ').any(|f| f == "dd"), "VmFlags {flags}");
+        assert_eq!(locked_kb > 0, st.locked, "Locked: {locked_kb} kB, {st:?}");
         QUARANTINE.with(|q| q.set(true));
         drop(b);
         QUARANTINE.with(|q| q.set(false));

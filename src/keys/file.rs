@@ -1,7 +1,7 @@
 //! A key-encryption key kept in a 32-byte file with mode 0600.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -77,17 +77,7 @@ impl FileKeyProvider {
     /// Writes `kek` to a new key file (mode 0600, fsynced with its dir); fails if the file
     /// exists.
     fn write_new(path: &Path, kek: &[u8; KEY_LEN]) -> Result<Self> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fsutil::create_private_dir(parent)?;
-        }
-        let mut f = fsutil::create_private_file(path)?;
-        f.write_all(kek.as_ref())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| Error::io("write key file", path, e))?;
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fsutil::sync_dir(parent)?;
-        }
-        drop(f);
+        fsutil::write_new_private(path, kek)?;
         Self::open(path)
     }
 
@@ -155,6 +145,7 @@ impl KeyProvider for FileKeyProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn wrap_unwrap_and_context_binding() {

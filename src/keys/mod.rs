@@ -10,6 +10,7 @@ pub mod pkcs11;
 
 use std::path::Path;
 
+pub use crate::fsutil::{read_secret, write_new_private};
 pub use file::{FileKeyProvider, WRAPPED_LEN as FILE_WRAPPED_LEN};
 pub use keyring::RotationReport;
 pub use pkcs11::{PinSource, Pkcs11Config, Pkcs11KeyProvider};

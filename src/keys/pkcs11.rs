@@ -143,19 +143,9 @@ fn read_pin(src: &PinSource) -> Result<AuthPin> {
         PinSource::Env(v) => std::env::var(v)
             .map_err(|_| hsm(HsmFailure::WrongPin, format!("PIN variable {v} is not set")))?,
         PinSource::File(p) => {
-            use std::os::unix::fs::PermissionsExt;
-            let meta = std::fs::metadata(p).map_err(|e| Error::io("read PIN file", p, e))?;
-            if meta.permissions().mode() & 0o077 != 0 {
-                return Err(hsm(
-                    HsmFailure::WrongPin,
-                    format!("PIN file {} is readable by group or others", p.display()),
-                ));
-            }
-            let mut s = std::fs::read_to_string(p).map_err(|e| Error::io("read PIN file", p, e))?;
-            if s.ends_with('\n') {
-                s.pop();
-            }
-            s
+            let b = crate::fsutil::read_secret(p)?;
+            String::from_utf8(b.to_vec())
+                .map_err(|_| hsm(HsmFailure::WrongPin, "the PIN file is not UTF-8"))?
         }
     };
     Ok(AuthPin::new(s.into()))

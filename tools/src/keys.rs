@@ -93,9 +93,9 @@ pub fn run(c: &Cmd) -> Result<bool, Fatal> {
             out,
         } => {
             let key = crate::key(key_file)?;
-            let pass = passphrase(passphrase_file)?;
+            let pass = cinder::keys::read_secret(passphrase_file)?;
             let b = key.export_backup(&pass, cinder::keys::backup::BackupParams::default())?;
-            write_new_private(out, &b)?;
+            cinder::keys::write_new_private(out, &b)?;
             println!(
                 "wrote a backup of master key {} to {} (restore with `cinder keys import`)",
                 hex(cinder::KeyProvider::kek_id(&*key)),
@@ -110,7 +110,7 @@ pub fn run(c: &Cmd) -> Result<bool, Fatal> {
         } => {
             let b = std::fs::read(backup)
                 .map_err(|e| Fatal(format!("cannot read {}: {e}", backup.display())))?;
-            let pass = passphrase(passphrase_file)?;
+            let pass = cinder::keys::read_secret(passphrase_file)?;
             let k = cinder::FileKeyProvider::import_backup(&b, &pass, key_file)?;
             println!(
                 "restored master key {} to {}",
@@ -120,51 +120,6 @@ pub fn run(c: &Cmd) -> Result<bool, Fatal> {
             Ok(true)
         }
     }
-}
-
-/// Reads a passphrase file: private (no group or other access), one trailing newline
-/// dropped. The passphrase is never echoed or logged.
-fn passphrase(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>, Fatal> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| {
-        Fatal(format!(
-            "cannot read passphrase file {}: {e}",
-            path.display()
-        ))
-    })?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        return Err(Fatal(format!(
-            "passphrase file {} is readable by group or others (chmod 600 it)",
-            path.display()
-        )));
-    }
-    let mut p = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| {
-        Fatal(format!(
-            "cannot read passphrase file {}: {e}",
-            path.display()
-        ))
-    })?);
-    if p.ends_with(b"\n") {
-        p.pop();
-        if p.ends_with(b"\r") {
-            p.pop();
-        }
-    }
-    Ok(p)
-}
-
-fn write_new_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), Fatal> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| Fatal(format!("cannot create {}: {e}", path.display())))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| Fatal(format!("cannot write {}: {e}", path.display())))
 }
 
 fn hex(id: u64) -> String {
