@@ -97,6 +97,9 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// How long a held data-dir lock is retried before `Error::Locked`.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// An exclusive lock on a data dir, held for the life of a `Store`.
 #[derive(Debug)]
 pub struct DirLock {
@@ -116,12 +119,26 @@ impl DirLock {
             .mode(0o600)
             .open(&path)
             .map_err(|e| Error::io("open lock file", &path, e))?;
-        match file.try_lock() {
-            Ok(()) => Ok(DirLock { _file: file }),
-            Err(fs::TryLockError::WouldBlock) => Err(Error::Locked {
-                dir: dir.to_path_buf(),
-            }),
-            Err(fs::TryLockError::Error(e)) => Err(Error::io("lock data dir", &path, e)),
+        // A lock just released can still be held for a moment by a child process that
+        // another thread of this process is spawning: the child shares the lock file's
+        // open file description from fork until exec closes it. Retry briefly so that a
+        // close-and-reopen is not refused for that; a real holder is reported after it.
+        let give_up = std::time::Instant::now() + LOCK_RETRY;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(DirLock { _file: file }),
+                Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < give_up => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(Error::Locked {
+                        dir: dir.to_path_buf(),
+                    })
+                }
+                Err(fs::TryLockError::Error(e)) => {
+                    return Err(Error::io("lock data dir", &path, e))
+                }
+            }
         }
     }
 }

@@ -208,10 +208,13 @@ fn verify_segment(
     let Some(ks) = ks else { return Ok(()) };
     if !ks.contains(id) {
         if id < ks.next_segment_id {
-            cx.problem(
+            // A shred persists the keystore first and unlinks second: a live store, or a
+            // crash in between, shows the file for a moment. Its key is gone, so its
+            // content is unreadable; recovery deletes it.
+            cx.note(
                 path,
                 None,
-                "segment without a key (its key was shredded; recovery deletes the file)",
+                "segment without a key: a shred in progress or interrupted (the key is gone; recovery deletes the file)",
             );
         } else {
             cx.problem(
@@ -247,11 +250,21 @@ fn verify_segment(
             Content::Message { id: mid, .. } => {
                 cx.report.messages += 1;
                 if let Some((file, off)) = cx.ids.insert(*mid, (path.to_path_buf(), f.offset)) {
-                    let what = format!(
-                        "message id {mid} also stored at {} offset {off}",
-                        file.display()
-                    );
-                    cx.problem(path, Some(f.offset), what);
+                    if file == path {
+                        let what = format!(
+                            "message id {mid} stored twice in this segment (also at offset {off})"
+                        );
+                        cx.problem(path, Some(f.offset), what);
+                    } else {
+                        // Compaction copies a live message into a newer segment and shreds
+                        // the original once the copy is durable: a live store, or a crash
+                        // in between, shows both; recovery keeps the newer copy.
+                        let what = format!(
+                            "message id {mid} also stored at {} offset {off}: a compaction copy (the copy in the newer segment is the one kept)",
+                            file.display()
+                        );
+                        cx.note(path, Some(f.offset), what);
+                    }
                 }
             }
             Content::Acks(_) => cx.report.ack_records += 1,
