@@ -90,8 +90,16 @@ fn has_dead_and_live(s: &Segment) -> bool {
     live > 0 && s.records.load(Ordering::SeqCst) > live
 }
 
+/// How long a mostly dead segment must have gone without acks before it is compacted for
+/// space. While recipients are still acking through it (a queue drained in order sweeps
+/// a segment from front to back), it is about to die whole, and copying its last live
+/// messages would be work thrown away a moment later. The deadline rule is not delayed.
+fn settle_ms(max_shred_delay_ms: u64) -> u64 {
+    (max_shred_delay_ms / 8).clamp(100, 5_000)
+}
+
 /// Closed segments holding both live and dead messages whose deadline is near (security)
-/// or that are mostly dead (space), oldest death first.
+/// or that are mostly dead and no longer being acked through (space), oldest death first.
 fn candidates(inner: &Inner, now: u64) -> Vec<Arc<Segment>> {
     let d = inner.opts.max_shred_delay.as_millis() as u64;
     let active: std::collections::HashSet<u64> = inner.writer.active_ids().into_iter().collect();
@@ -106,7 +114,8 @@ fn candidates(inner: &Inner, now: u64) -> Vec<Arc<Segment>> {
         .filter_map(|s| {
             let death = s.first_death_ms(now)?;
             let live = s.live.load(Ordering::SeqCst);
-            let mostly_dead = live * 4 < s.records.load(Ordering::SeqCst);
+            let settled = now.saturating_sub(s.last_ack_ms.load(Ordering::SeqCst)) >= settle_ms(d);
+            let mostly_dead = live * 4 < s.records.load(Ordering::SeqCst) && settled;
             (death + due_after(d) <= now || mostly_dead).then_some((death, s))
         })
         .collect();

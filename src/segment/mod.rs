@@ -75,6 +75,8 @@ pub struct Segment {
     pub min_expiry_ms: AtomicU64,
     /// When the first of its messages was acked or purged (u64::MAX if none yet).
     pub first_ack_ms: AtomicU64,
+    /// When the latest ack into this segment was applied (0 = none).
+    pub last_ack_ms: AtomicU64,
     /// A compaction is copying its live messages out.
     pub compacting: AtomicBool,
     /// A compaction failed on a record that does not open: not retried (reported).
@@ -114,6 +116,7 @@ impl Segment {
             first_ms: AtomicU64::new(u64::MAX),
             min_expiry_ms: AtomicU64::new(u64::MAX),
             first_ack_ms: AtomicU64::new(u64::MAX),
+            last_ack_ms: AtomicU64::new(0),
             compacting: AtomicBool::new(false),
             uncompactable: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -228,6 +231,7 @@ impl Segment {
     /// Records that some of its messages were acked at `now_ms`.
     pub fn mark_acked(&self, now_ms: u64) {
         self.first_ack_ms.fetch_min(now_ms, Ordering::SeqCst);
+        self.last_ack_ms.fetch_max(now_ms, Ordering::SeqCst);
     }
 
     /// When the first record of this segment died (acked, or expired by `now_ms`), if
