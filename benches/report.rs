@@ -2,7 +2,8 @@
 //! the same run, printed as Markdown tables (copied into BENCHMARKS.md).
 //!
 //! `cargo bench --bench report` runs it in full (a few minutes, ~2 GB of disk in a temp
-//! dir); `cargo test --benches` runs a seconds-long smoke of the same code.
+//! dir); `cargo bench --bench report -- ceilings` only the machine limits and the
+//! ceilings section; `cargo test --benches` runs a seconds-long smoke of the same code.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +63,20 @@ fn main() {
         seq_bw / 1e6
     );
 
+    if std::env::args().any(|a| a == "ceilings") {
+        // `cargo bench --bench report -- ceilings`: only the ceilings section.
+        let sync1 = append_rate(tmp.path(), &key, Durability::Sync, 1024, (1, 1), cfg.secs);
+        let group32 = append_rate(
+            tmp.path(),
+            &key,
+            Durability::default(),
+            1024,
+            (32, 1),
+            cfg.secs,
+        );
+        ceilings(tmp.path(), &key, &cfg, seal[1].0, (sync1, group32));
+        return;
+    }
     append_tables(tmp.path(), &key, &cfg, &seal, fsync_p50, seq_bw);
 
     println!("\n## Read and ack\n");
@@ -102,7 +117,7 @@ fn append_tables(
     println!("## Append throughput\n");
     println!("| payload | mode | threads | msgs/s | MB/s | vs seal limit | msgs per fsync latency | vs seq. write |");
     println!("|---|---|---|---|---|---|---|---|");
-    let mut sync1 = 0.0;
+    let (mut sync1, mut group32) = (0.0, 0.0);
     for (si, size) in [64usize, 1024, 65536].into_iter().enumerate() {
         for (mode, dur) in [
             ("Sync", Durability::Sync),
@@ -118,6 +133,9 @@ fn append_tables(
                 let rate = append_rate(dir, key, dur, size, (t, 1), cfg.secs);
                 if size == 1024 && mode == "Sync" && t == 1 {
                     sync1 = rate;
+                }
+                if size == 1024 && mode == "Group" && t == 32 {
+                    group32 = rate;
                 }
                 let extra = if size == 1024 && mode == "Group" && t == 32 && sync1 > 0.0 {
                     format!(" ({:.1}x Sync, 1 thread)", rate / sync1)
@@ -144,6 +162,98 @@ fn append_tables(
         batched * fsync_p50 / 1e6,
         batched * 1024.0 / seq_bw,
     );
+    ceilings(dir, key, cfg, seal[1].0, (sync1, group32));
+}
+
+/// What bounds the two append targets this machine misses, measured in the same run:
+/// the best case of a Group round of 32 messages, and Async appends that the page cache
+/// absorbs (so the disk is not what is measured).
+fn ceilings(
+    dir: &std::path::Path,
+    key: &Arc<FileKeyProvider>,
+    cfg: &Cfg,
+    seal_1k: f64,
+    (sync1, group_32_fresh): (f64, f64),
+) {
+    println!("\n## Ceilings of the two append targets (1 KiB)\n");
+    // Async, one thread, a burst small enough for the page cache (closing not timed).
+    let n = if cfg.secs > 1.0 { 250_000 } else { 2_000 };
+    let (burst, frame) = async_burst(dir, key, n);
+    // On warmed stores, with and without zero-filled segments: Sync one at a time, Sync
+    // 32 per call (a Group round of 32 with no threads to gather), Group with 32 threads.
+    let warm = |d, zero_fill, shape| {
+        let (_data, store) = bench_store(dir, key, d, zero_fill, cfg.secs > 1.0);
+        append_rate_in(&store, 1024, shape, cfg.secs)
+    };
+    let rows: Vec<(bool, [f64; 3])> = [true, false]
+        .into_iter()
+        .map(|z| {
+            (
+                z,
+                [
+                    warm(Durability::Sync, z, (1, 1)),
+                    warm(Durability::Sync, z, (1, 32)),
+                    warm(Durability::default(), z, (32, 1)),
+                ],
+            )
+        })
+        .collect();
+    let commits = if cfg.secs > 1.0 { 500 } else { 10 };
+    let mut dev = Vec::new();
+    for layout in [machine::Layout::Fallocated, machine::Layout::Zeroed] {
+        let one = machine::commit_latency_on(dir, frame, commits, layout).unwrap();
+        let many = machine::commit_latency_on(dir, 32 * frame, commits, layout).unwrap();
+        dev.push((layout, one * 1e6, many * 1e6));
+    }
+    println!("| measure | value |\n|---|---|");
+    println!(
+        "| Async, one thread, burst of {n} ({:.0} MB, fits in the page cache) | {burst:.0} msg/s = {:.2} of the seal rate ({:.2} µs per append; seal alone {:.2} µs) |",
+        n as f64 * frame as f64 / 1e6,
+        burst / seal_1k,
+        1e6 / burst,
+        1e6 / seal_1k,
+    );
+    for (layout, one, many) in &dev {
+        println!(
+            "| device: write + fdatasync of 1 frame ({frame} B) vs 32 frames, {layout:?} file | p50 {one:.0} µs vs {many:.0} µs ({:.2}x) |",
+            many / one
+        );
+    }
+    println!(
+        "| fresh store (table above): Group 32 threads / Sync 1 thread | {:.1}x |",
+        group_32_fresh / sync1.max(1.0)
+    );
+    for (zero_fill, [sync_1, round_32, group_32]) in rows {
+        let w = format!("warmed store, zero_fill_segments = {zero_fill}");
+        println!("| {w}: Sync, one thread | {sync_1:.0} msg/s |");
+        println!(
+            "| {w}: Sync, one thread, `append_batch` of 32 (a Group round of 32, nothing to gather) | {round_32:.0} msg/s = {:.1}x Sync 1 thread: the ceiling of Group with 32 threads |",
+            round_32 / sync_1
+        );
+        println!(
+            "| {w}: Group, 32 threads | {group_32:.0} msg/s = **{:.1}x Sync 1 thread** = {:.2} of the ceiling |",
+            group_32 / sync_1,
+            group_32 / round_32
+        );
+    }
+}
+
+/// Async appends from one thread, `n` of 1 KiB, timed until the last call returns:
+/// (messages per second, bytes per stored message).
+fn async_burst(dir: &std::path::Path, key: &Arc<FileKeyProvider>, n: usize) -> (f64, usize) {
+    let data = tempfile::tempdir_in(dir).unwrap();
+    let store = Store::open(data.path(), opts(key, Durability::Async)).unwrap();
+    let payload = vec![0x42u8; 1024];
+    let start = Instant::now();
+    for _ in 0..n {
+        store
+            .append(b"queue-0", &payload, Duration::from_secs(3600))
+            .unwrap();
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    store.flush().unwrap();
+    let frame = store.stats().bytes_on_disk as usize / n;
+    (rate, frame)
 }
 
 fn opts(key: &Arc<FileKeyProvider>, d: Durability) -> Options {
@@ -197,19 +307,63 @@ fn append_rate(
     key: &Arc<FileKeyProvider>,
     d: Durability,
     size: usize,
-    (threads, batch): (usize, usize),
+    shape: (usize, usize),
     secs: f64,
 ) -> f64 {
+    let (_data, store) = bench_store(dir, key, d, true, false);
+    append_rate_in(&store, size, shape, secs)
+}
+
+/// A store in a new temp dir. `warm`: first fill three segments (and purge them), so that
+/// the store is past its first rotations and writes into segments made while it was
+/// busy (zero-filled in Sync and Group), as a long-running store does.
+fn bench_store(
+    dir: &std::path::Path,
+    key: &Arc<FileKeyProvider>,
+    d: Durability,
+    zero_fill: bool,
+    warm: bool,
+) -> (tempfile::TempDir, Arc<Store>) {
     let data = tempfile::tempdir_in(dir).unwrap();
     let mut o = opts(key, d);
     o.max_message_size = 64 << 10;
+    o.zero_fill_segments = zero_fill;
+    let segment = o.segment_size;
     let store = Arc::new(Store::open(data.path(), o).unwrap());
+    if warm {
+        let payload = vec![0x17u8; 1024];
+        // Rounds of 32 messages, like the measurements (the writer zero-fills spares only
+        // while its fsync rounds are small).
+        let batch: Vec<cinder::NewMessage<'_>> = (0..32)
+            .map(|_| cinder::NewMessage {
+                queue: b"warm-up",
+                payload: &payload,
+                ttl: Duration::from_secs(3600),
+            })
+            .collect();
+        for _ in 0..3 * segment / (32 * 1024) {
+            store.append_batch(&batch).unwrap();
+        }
+        store.purge(b"warm-up").unwrap();
+        // Let the zero-filling of the next spare and the writeback settle.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    (data, store)
+}
+
+/// Appends from `threads` threads, each `batch` messages per call, for `secs`: msgs/s.
+fn append_rate_in(
+    store: &Arc<Store>,
+    size: usize,
+    (threads, batch): (usize, usize),
+    secs: f64,
+) -> f64 {
     let count = Arc::new(AtomicU64::new(0));
     let payload = vec![0x42u8; size];
     let start = Instant::now();
     let hs: Vec<_> = (0..threads)
         .map(|t| {
-            let store = Arc::clone(&store);
+            let store = Arc::clone(store);
             let count = Arc::clone(&count);
             let payload = payload.clone();
             std::thread::spawn(move || {
@@ -235,9 +389,7 @@ fn append_rate(
     for h in hs {
         h.join().unwrap();
     }
-    let rate = count.load(Ordering::SeqCst) as f64 / start.elapsed().as_secs_f64();
-    drop(store);
-    rate
+    count.load(Ordering::SeqCst) as f64 / start.elapsed().as_secs_f64()
 }
 
 fn fill(store: &Store, q: &[u8], n: usize, size: usize) -> Vec<MessageId> {

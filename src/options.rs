@@ -118,6 +118,10 @@ impl Clock for ManualClock {
 
 /// Configuration of a [`crate::Store`]. Start from [`Options::new`] and change fields.
 #[derive(Debug, Clone)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent switches, each documented on its own"
+)]
 pub struct Options {
     /// Wraps and unwraps the per-segment data keys.
     pub key_provider: Arc<dyn KeyProvider>,
@@ -167,6 +171,15 @@ pub struct Options {
     /// Allow the key file to live inside the data dir (default false: a thief of the
     /// data dir would get the key too).
     pub allow_key_in_data_dir: bool,
+    /// Write zeros over a new segment before it is used, in the background (default
+    /// true; Sync and Group modes only, and only while segments fill up). A segment is
+    /// preallocated, which on ext4 and XFS leaves "unwritten" extents: the first fdatasync
+    /// over each then also has to record that its blocks are written, one more metadata
+    /// write per commit (measured here: 32 frames commit in 261 µs instead of 171 µs).
+    /// A zeroed segment costs one extra sequential write of each segment. A quiet store
+    /// (segments closed by age, not because they are full) and Async mode (bound by
+    /// bandwidth, not commit latency) never zero.
+    pub zero_fill_segments: bool,
     /// Start background threads (reaper, writer). Always true outside tests that drive
     /// maintenance by hand with [`crate::Store::maintain`].
     pub background_reaper: bool,
@@ -194,6 +207,7 @@ impl Options {
             clock: Arc::new(SystemClock),
             recovery: RecoveryMode::default(),
             allow_key_in_data_dir: false,
+            zero_fill_segments: true,
             background_reaper: true,
         }
     }

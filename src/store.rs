@@ -15,7 +15,7 @@ use crate::fsutil::{self, DirLock};
 use crate::gc::{self, ReaperSignal};
 use crate::index::{Index, QueueCell, Removed, Slot};
 use crate::keys::keyring::Keyring;
-use crate::options::{Clock, Options};
+use crate::options::{Clock, Durability, Options};
 use crate::recovery::{self, RecoveryReport};
 use crate::segment::codec;
 use crate::segment::{Segment, SegmentTable};
@@ -246,6 +246,7 @@ impl Store {
                 async_sync_interval: opts.async_sync_interval,
                 max_disk_bytes: opts.max_disk_bytes,
                 max_active_age_ms: (opts.max_shred_delay.as_millis() as u64 / 4).max(1),
+                zero_fill: opts.zero_fill_segments && opts.durability != Durability::Async,
             },
             Arc::clone(&clock),
             Arc::clone(&keyring),

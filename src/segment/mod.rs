@@ -158,6 +158,24 @@ impl Segment {
         Ok(Self::new(id, path, dek, file, HEADER_LEN as u64))
     }
 
+    /// Writes zeros over the preallocated data area and makes them durable, so that the
+    /// blocks are written ones (not "unwritten" extents) before frames go there. Only
+    /// for a new, empty segment that nothing writes yet; the content is the same zeros
+    /// the preallocation reads as, so a crash part way leaves a valid empty segment.
+    pub fn zero_fill(&self) -> Result<()> {
+        const CHUNK: usize = 1 << 20;
+        let io = |e| Error::io("zero-fill segment", &self.path, e);
+        let end = self.file.metadata().map_err(io)?.len();
+        let zeros = vec![0u8; CHUNK];
+        let mut at = self.written.load(Ordering::SeqCst);
+        while at < end {
+            let n = (end - at).min(CHUNK as u64) as usize;
+            self.file.write_all_at(&zeros[..n], at).map_err(io)?;
+            at += n as u64;
+        }
+        self.file.sync_data().map_err(io)
+    }
+
     /// Wraps an existing segment found at recovery. It is closed (never written again
     /// but for recovery's seal); recovery maps it once its length is final.
     pub fn open_recovered(id: u64, path: PathBuf, dek: &Dek, file: File) -> Self {
