@@ -842,9 +842,9 @@ impl Store {
                 q.cv.notify_all();
             });
         }
-        r?;
-        let flushed = self.inner.keyring.flush();
-        // Release the data dir: it can be opened again right away.
+        // After a writer failure the keystore is left as the last successful write made
+        // it; either way the data dir is released and can be opened again right away.
+        let flushed = r.and_then(|()| self.inner.keyring.flush());
         self.inner.lock.lock().take();
         flushed
     }
@@ -926,5 +926,36 @@ fn recover_with_keys(
             }),
         },
         r => Ok((r?, Arc::clone(&opts.key_provider))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::FileKeyProvider;
+
+    #[test]
+    fn a_frame_that_does_not_fit_its_reservation_fails_the_writer_instead_of_being_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = Arc::new(FileKeyProvider::create(tmp.path().join("key")).unwrap());
+        let dir = tmp.path().join("data");
+        let store = Store::open(&dir, Options::new(key.clone())).unwrap();
+        let ttl = Duration::from_secs(60);
+        store.append(b"q", b"before", ttl).unwrap();
+        let w = &store.inner.writer;
+        let now = store.inner.now_ms();
+        let expires = now + 60_000;
+        let bucket = Bucket::for_message(0, 60_000, expires, 60_000);
+        let r = w.reserve(bucket, 100, (expires, now), true).unwrap();
+        w.submit(&r, vec![0u8; 99]); // one byte short of its reservation
+        let e = store.append(b"q", b"after", ttl).unwrap_err();
+        assert!(matches!(e, Error::WriterFailed { .. }), "{e}");
+        assert!(e.to_string().contains("does not fit"), "{e}");
+        drop(store);
+        // What was durable before is intact; the hole is a torn tail to recovery.
+        let store = Store::open(&dir, Options::new(key)).unwrap();
+        let got = store.read(b"q", None, 10).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].payload, b"before");
     }
 }

@@ -212,11 +212,15 @@ impl Writer {
         }
     }
 
+    /// Marks the writer failed (the first reason wins): every call then returns
+    /// `WriterFailed`, and the writer thread stops writing and exits, whichever thread
+    /// found the failure.
     fn fail(&self, e: &Error) {
         let _ = self.failed.set(e.to_string());
         let _g = self.state.lock();
         self.wake_parked();
         self.moved.notify_all();
+        self.work.notify_all();
     }
 
     // ----- reservation (API threads) -----
@@ -361,15 +365,36 @@ impl Writer {
 
     /// Hands several sealed frames to the writer thread under one lock, waking it at
     /// most once (a batch's frames would otherwise wake it frame by frame).
+    ///
+    /// A frame that does not fill its reservation exactly, or whose segment is no longer
+    /// being written, would leave a hole the writer waits on forever or overlap its
+    /// neighbour. No caller makes one; if one ever did, the writer fails (every call then
+    /// returns `WriterFailed`) rather than write a broken segment.
     pub fn submit_all<'a>(&self, frames: impl IntoIterator<Item = (&'a Reservation, Vec<u8>)>) {
         let mut st = self.state.lock();
         let was_idle = st.pending_bytes == 0;
+        let mut misfit = None;
         for (r, frame) in frames {
-            debug_assert_eq!(frame.len() as u64, r.len);
-            st.pending_bytes += r.len;
-            if let Some(a) = st.actives.get_mut(&r.seg.id) {
-                a.pending.insert(r.offset, frame);
+            let len = frame.len() as u64;
+            match st.actives.get_mut(&r.seg.id) {
+                Some(a) if len == r.len && r.offset >= a.taken && r.offset + len <= a.tail => {
+                    a.pending.insert(r.offset, frame);
+                    st.pending_bytes += len;
+                }
+                _ => {
+                    misfit.get_or_insert_with(|| {
+                        format!(
+                            "internal error: a {len}-byte frame for segment {} at offset {} does not fit its {}-byte reservation",
+                            r.seg.id, r.offset, r.len
+                        )
+                    });
+                }
             }
+        }
+        if let Some(reason) = misfit {
+            drop(st);
+            self.fail(&Error::WriterFailed { reason });
+            return;
         }
         let wake = self.cfg.durability != Durability::Async
             || was_idle
@@ -631,7 +656,10 @@ impl Writer {
             unsynced_bytes: 0,
             last_sync: Instant::now(),
         };
-        loop {
+        // A failure found elsewhere (a misfit frame, the spare maker) stops it too: a
+        // failed store writes nothing more, and a shutdown does not wait on frames that
+        // will never come.
+        while self.failed.get().is_none() {
             match self.step(&mut ws) {
                 Ok(true) => {}
                 Ok(false) => break,
@@ -760,7 +788,8 @@ impl Writer {
                 && st.pending_bytes == 0
                 && ws.last_sync.elapsed() >= self.cfg.async_sync_interval;
             // At shutdown, a spare being zero-filled is waited for (its maker wakes us).
-            let want = (st.shutdown && !(st.prefilling && st.actives.is_empty()))
+            let want = self.failed.get().is_some()
+                || (st.shutdown && !(st.prefilling && st.actives.is_empty()))
                 || st.urgent
                 || self.arrivals.load(Ordering::SeqCst) > 0
                 || (self.waiters.load(Ordering::SeqCst) > 0 && !ws.unsynced.is_empty())
