@@ -220,7 +220,7 @@ fn ceilings(
         );
     }
     println!(
-        "| fresh store (table above): Group 32 threads / Sync 1 thread | {:.1}x |",
+        "| fresh store: Group 32 threads / Sync 1 thread | {:.1}x |",
         group_32_fresh / sync1.max(1.0)
     );
     for (zero_fill, [sync_1, round_32, group_32]) in rows {

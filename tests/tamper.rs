@@ -988,6 +988,16 @@ fn restored_copy_of_a_shredded_segment_is_deleted_not_resurrected() {
     store.close().unwrap();
     drop(store);
     fs::write(&seg.path, &seg.bytes).unwrap(); // an old copy of the shredded file
+                                               // verify: the key audit log records the shred, so the keyless file is the moment
+                                               // between a shred's two steps (a note), not a lost key (a problem).
+    let v = cinder::verify(&dir, &*key).unwrap();
+    assert!(v.is_clean(), "{v:#?}");
+    assert!(
+        v.notes
+            .iter()
+            .any(|n| n.file == seg.path && n.what.contains("shred in progress or interrupted")),
+        "{v:#?}"
+    );
     let store = open(&dir, opts).unwrap();
     assert_eq!(
         store.recovery_report().deleted_unkeyed,

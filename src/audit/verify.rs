@@ -50,11 +50,46 @@ impl VerifyReport {
 
 struct Ctx {
     report: VerifyReport,
-    /// message id → (file, offset) of its first frame, to catch duplicates.
-    ids: HashMap<u64, (PathBuf, u64)>,
+    /// message id → where its first frame is and what it says, to catch duplicates.
+    ids: HashMap<u64, FirstCopy>,
+    /// Data keys the key audit log records as shredded.
+    shredded: std::collections::HashSet<u64>,
+}
+
+/// The first frame found for a message id.
+struct FirstCopy {
+    file: PathBuf,
+    offset: u64,
+    /// Queue, creation and expiry: a compaction copy repeats them exactly.
+    meta: (Vec<u8>, u64, u64),
 }
 
 impl Ctx {
+    /// Counts a message frame; a second frame for the same id is a compaction copy when
+    /// it is in another segment and says the same (queue, creation, expiry), else damage.
+    fn message_seen(&mut self, id: u64, copy: FirstCopy) {
+        self.report.messages += 1;
+        let (path, offset, meta) = (copy.file.clone(), copy.offset, copy.meta.clone());
+        let Some(first) = self.ids.insert(id, copy) else {
+            return;
+        };
+        let (file, off) = (first.file.display(), first.offset);
+        if first.file != path && first.meta == meta {
+            // Compaction copies a live message into a newer segment and shreds the
+            // original once the copy is durable: a live store, or a crash in between,
+            // shows both; recovery keeps the newer copy.
+            let what = format!(
+                "message id {id} also stored at {file} offset {off}: a compaction copy (the copy in the newer segment is the one kept)"
+            );
+            self.note(&path, Some(offset), what);
+        } else {
+            let what = format!(
+                "message id {id} also stored at {file} offset {off} as a different message"
+            );
+            self.problem(&path, Some(offset), what);
+        }
+    }
+
     fn problem(&mut self, file: &Path, offset: Option<u64>, what: impl Into<String>) {
         self.report.problems.push(Finding {
             file: file.to_path_buf(),
@@ -82,6 +117,7 @@ pub fn verify(dir: &Path, provider: &dyn KeyProvider) -> Result<VerifyReport> {
     let mut cx = Ctx {
         report: VerifyReport::default(),
         ids: HashMap::new(),
+        shredded: std::collections::HashSet::new(),
     };
     for p in &listing.unknown {
         cx.problem(p, None, "unknown file in the data dir");
@@ -207,22 +243,7 @@ fn verify_segment(
     }
     let Some(ks) = ks else { return Ok(()) };
     if !ks.contains(id) {
-        if id < ks.next_segment_id {
-            // A shred persists the keystore first and unlinks second: a live store, or a
-            // crash in between, shows the file for a moment. Its key is gone, so its
-            // content is unreadable; recovery deletes it.
-            cx.note(
-                path,
-                None,
-                "segment without a key: a shred in progress or interrupted (the key is gone; recovery deletes the file)",
-            );
-        } else {
-            cx.problem(
-                path,
-                None,
-                "segment without a key, newer than the keystore (stale keystore?)",
-            );
-        }
+        keyless_segment(cx, id, path, ks);
         return Ok(());
     }
     let dek = match ks.unwrap_key(id, provider) {
@@ -247,31 +268,51 @@ fn verify_segment(
     check_tail(cx, path, &walk, sealed_len, bytes.len() as u64);
     for f in &walk.frames {
         match &f.content {
-            Content::Message { id: mid, .. } => {
-                cx.report.messages += 1;
-                if let Some((file, off)) = cx.ids.insert(*mid, (path.to_path_buf(), f.offset)) {
-                    if file == path {
-                        let what = format!(
-                            "message id {mid} stored twice in this segment (also at offset {off})"
-                        );
-                        cx.problem(path, Some(f.offset), what);
-                    } else {
-                        // Compaction copies a live message into a newer segment and shreds
-                        // the original once the copy is durable: a live store, or a crash
-                        // in between, shows both; recovery keeps the newer copy.
-                        let what = format!(
-                            "message id {mid} also stored at {} offset {off}: a compaction copy (the copy in the newer segment is the one kept)",
-                            file.display()
-                        );
-                        cx.note(path, Some(f.offset), what);
-                    }
-                }
-            }
+            Content::Message {
+                id,
+                created_at_ms,
+                expires_at_ms,
+                queue,
+                ..
+            } => cx.message_seen(
+                *id,
+                FirstCopy {
+                    file: path.to_path_buf(),
+                    offset: f.offset,
+                    meta: (queue.clone(), *created_at_ms, *expires_at_ms),
+                },
+            ),
             Content::Acks(_) => cx.report.ack_records += 1,
             Content::Seal(_) | Content::Sealed(_) => {}
         }
     }
     Ok(())
+}
+
+/// A segment file whose key is not in the keystore.
+fn keyless_segment(cx: &mut Ctx, id: u64, path: &Path, ks: &KeyStore) {
+    if id >= ks.next_segment_id {
+        cx.problem(
+            path,
+            None,
+            "segment without a key, newer than the keystore (stale keystore?)",
+        );
+    } else if cx.shredded.contains(&id) {
+        // A shred persists the keystore (and logs it) first and unlinks second: a live
+        // store, or a crash in between, shows the file for a moment. Its key is gone, so
+        // its content is unreadable; recovery deletes it.
+        cx.note(
+            path,
+            None,
+            "segment without a key: a shred in progress or interrupted (the key is gone; recovery deletes the file)",
+        );
+    } else {
+        cx.problem(
+            path,
+            None,
+            "segment without a key, and the key audit log records no shred of it (recovery deletes the file)",
+        );
+    }
 }
 
 /// The end of a segment: a sealed one must end exactly with its seal at the length the
@@ -349,6 +390,12 @@ fn check_audit_log(cx: &mut Ctx, dir: &Path, ks: Option<&KeyStore>) {
             return;
         }
     };
+    cx.shredded.extend(
+        log.records
+            .iter()
+            .filter(|r| r.event == crate::format::audit::AuditEvent::DekShredded)
+            .map(|r| r.subject),
+    );
     let records = log.records.len() as u64;
     if log.torn_tail > 0 {
         cx.note(

@@ -38,6 +38,8 @@ const LINGER_QUIET: Duration = Duration::from_micros(50);
 /// beyond it commits are bound by bandwidth, which zeroing would halve (measured: 1 KiB
 /// rounds of 32 gain ~20%, 512 KiB rounds break even, 2 MiB rounds lose ~15%).
 const ZERO_FILL_MAX_ROUND: u64 = 256 << 10;
+/// After the disk or the quota refused a spare, the writer tries again this much later.
+const SPARE_RETRY: Duration = Duration::from_secs(1);
 /// Ack ids per ack frame, at most.
 const ACKS_PER_FRAME: usize = 1 << 16;
 
@@ -90,6 +92,9 @@ struct State {
     /// A spare is being created and zero-filled by the background maker thread.
     prefilling: bool,
     maker: Option<JoinHandle<()>>,
+    /// No spare is made in the background before this (after the disk or the quota
+    /// refused one: appenders report that when they need a segment).
+    spare_retry_at: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -286,8 +291,11 @@ impl Writer {
             let fits = current
                 .is_some_and(|a| a.tail + len + SEAL_FRAME_LEN as u64 <= self.cfg.segment_size);
             if !fits {
-                self.rotating_full
-                    .store(current.is_some(), Ordering::Relaxed);
+                if current.is_some() {
+                    // Segments fill up: the store is busy (`retire` clears it when
+                    // segments close by age instead).
+                    self.rotating_full.store(true, Ordering::Relaxed);
+                }
                 if let Some(old) = st.buckets.remove(&bucket) {
                     self.close_locked(&mut st, old);
                 }
@@ -345,9 +353,22 @@ impl Writer {
         let r = MutexGuard::unlocked(st, || self.create_segment());
         st.creating = false;
         self.moved.notify_all();
-        let seg = r?;
-        st.spare = Some(seg);
+        self.offer_spare(st, r?);
         Ok(None)
+    }
+
+    /// Makes `seg` the spare, or, when the lock was dropped and another maker got there
+    /// first, seals it empty (it is then shredded like any dead segment): a segment must
+    /// never be dropped while its key lives in the keystore.
+    fn offer_spare(&self, st: &mut State, seg: Arc<Segment>) {
+        if st.spare.is_none() {
+            st.spare = Some(seg);
+        } else {
+            let id = seg.id;
+            st.actives
+                .insert(id, Active::new(seg, None, self.clock.now_ms()));
+            self.close_locked(st, id);
+        }
     }
 
     fn create_segment(&self) -> Result<Arc<Segment>> {
@@ -572,6 +593,10 @@ impl Writer {
             })
             .map(|a| a.seg.id)
             .collect();
+        if !ids.is_empty() {
+            // Segments close before they fill: a quiet store, whose spares are not zeroed.
+            self.rotating_full.store(false, Ordering::Relaxed);
+        }
         for id in ids {
             self.close_locked(&mut st, id);
         }
@@ -599,6 +624,14 @@ impl Writer {
         let maker = self.state.lock().maker.take();
         if let Some(h) = maker {
             let _ = h.join();
+        }
+        // An appender may still be creating a segment (keystore write) with the lock
+        // dropped; the data dir must not be released under it.
+        {
+            let mut st = self.state.lock();
+            while st.creating {
+                self.moved.wait_for(&mut st, Duration::from_millis(20));
+            }
         }
         {
             let _guard = self.state.lock();
@@ -707,6 +740,9 @@ impl Writer {
         let is_async = self.cfg.durability == Durability::Async;
         let mut st = self.state.lock();
         self.wait_for_work(&mut st, ws);
+        if self.failed.get().is_some() {
+            return Ok(false); // a failed store writes nothing more
+        }
         // Group commit: hold the batch open briefly while more callers are arriving.
         if let Durability::Group { max_delay } = self.cfg.durability {
             self.linger(&mut st, max_delay);
@@ -787,6 +823,7 @@ impl Writer {
             let sync_due = is_async
                 && st.pending_bytes == 0
                 && ws.last_sync.elapsed() >= self.cfg.async_sync_interval;
+            let spare_due = st.spare_retry_at.is_none_or(|t| Instant::now() >= t);
             // At shutdown, a spare being zero-filled is waited for (its maker wakes us).
             let want = self.failed.get().is_some()
                 || (st.shutdown && !(st.prefilling && st.actives.is_empty()))
@@ -794,7 +831,7 @@ impl Writer {
                 || self.arrivals.load(Ordering::SeqCst) > 0
                 || (self.waiters.load(Ordering::SeqCst) > 0 && !ws.unsynced.is_empty())
                 || closing_ready
-                || (st.spare.is_none() && !st.creating)
+                || (st.spare.is_none() && !st.creating && !st.prefilling && spare_due)
                 || (!is_async && (st.pending_bytes > 0 || acks_waiting))
                 || (is_async && (st.pending_bytes >= ASYNC_WAKE_BYTES || sync_due));
             if want {
@@ -820,13 +857,14 @@ impl Writer {
         if st.spare.is_some() || st.creating || st.prefilling || st.shutdown {
             return Ok(());
         }
+        if st.spare_retry_at.is_some_and(|t| Instant::now() < t) {
+            return Ok(());
+        }
+        st.spare_retry_at = None;
         if self.cfg.zero_fill
             && self.rotating_full.load(Ordering::Relaxed)
             && self.round_bytes.load(Ordering::Relaxed) < ZERO_FILL_MAX_ROUND
         {
-            if let Some(h) = st.maker.take() {
-                let _ = h.join(); // finished: it cleared `prefilling` as its last step
-            }
             st.prefilling = true;
             let me = Arc::clone(self);
             match std::thread::Builder::new()
@@ -834,6 +872,8 @@ impl Writer {
                 .spawn(move || me.make_zeroed_spare())
             {
                 Ok(h) => {
+                    // The previous maker, if any, has offered its spare and is exiting:
+                    // dropping its handle detaches it (never joined under this lock).
                     st.maker = Some(h);
                     return Ok(());
                 }
@@ -846,8 +886,10 @@ impl Writer {
         st.creating = false;
         self.moved.notify_all();
         match r {
-            Ok(s) => st.spare = Some(s),
-            Err(Error::DiskFull { .. } | Error::DiskQuotaExceeded { .. }) => {}
+            Ok(s) => self.offer_spare(st, s),
+            Err(Error::DiskFull { .. } | Error::DiskQuotaExceeded { .. }) => {
+                st.spare_retry_at = Some(Instant::now() + SPARE_RETRY);
+            }
             Err(e) => return Err(e),
         }
         Ok(())
@@ -855,6 +897,19 @@ impl Writer {
 
     /// The maker thread: creates a segment, zero-fills it and offers it as the spare.
     fn make_zeroed_spare(&self) {
+        // If this thread panics, the writer must not wait for its spare forever.
+        struct Panicked<'a>(&'a Writer);
+        impl Drop for Panicked<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.state.lock().prefilling = false;
+                    self.0.fail(&Error::WriterFailed {
+                        reason: "the spare-segment maker panicked".into(),
+                    });
+                }
+            }
+        }
+        let _guard = Panicked(self);
         // Zeroing is only an optimisation: a segment that failed part way is still a
         // valid (preallocated) one, and real writes report real errors.
         let r = self.create_segment().inspect(|seg| {
@@ -863,16 +918,10 @@ impl Writer {
         let mut st = self.state.lock();
         st.prefilling = false;
         match r {
-            Ok(seg) if st.spare.is_none() => st.spare = Some(seg),
-            Ok(seg) => {
-                // A rotation made its own spare meanwhile: this one is sealed empty and
-                // shredded like any dead segment.
-                let now = self.clock.now_ms();
-                let id = seg.id;
-                st.actives.insert(id, Active::new(seg, None, now));
-                self.close_locked(&mut st, id);
+            Ok(seg) => self.offer_spare(&mut st, seg),
+            Err(Error::DiskFull { .. } | Error::DiskQuotaExceeded { .. }) => {
+                st.spare_retry_at = Some(Instant::now() + SPARE_RETRY);
             }
-            Err(Error::DiskFull { .. } | Error::DiskQuotaExceeded { .. }) => {}
             Err(e) => {
                 drop(st);
                 self.fail(&e);
