@@ -147,3 +147,50 @@ fn racing_rotations_leave_every_segment_sealed_after_close() {
         .collect();
     assert!(unsealed.is_empty(), "segments left unsealed: {unsealed:#?}");
 }
+
+/// Closing while appenders are still rotating (one may be creating a segment with the lock
+/// dropped when the close begins) still seals every segment.
+#[test]
+fn closing_while_appenders_rotate_leaves_every_segment_sealed() {
+    for _ in 0..3 {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = Arc::new(FileKeyProvider::create(tmp.path().join("key")).unwrap());
+        let dir = tmp.path().join("data");
+        let mut o = Options::new(key.clone());
+        o.segment_size = 64 << 10;
+        o.max_message_size = 16 << 10;
+        let store = Arc::new(Store::open(&dir, o).unwrap());
+        let hs: Vec<_> = (0..4)
+            .map(|t| {
+                let store = Arc::clone(&store);
+                std::thread::spawn(move || {
+                    let q = format!("q{t}");
+                    let payload = vec![0x78u8; 4 << 10];
+                    let batch: Vec<NewMessage<'_>> = (0..8)
+                        .map(|_| NewMessage {
+                            queue: q.as_bytes(),
+                            payload: &payload,
+                            ttl: Duration::from_secs(3600),
+                        })
+                        .collect();
+                    // Until the close refuses it.
+                    while store.append_batch(&batch).is_ok() {}
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        store.close().unwrap();
+        for h in hs {
+            h.join().unwrap();
+        }
+        drop(store);
+        let r = cinder::verify(&dir, &*key).unwrap();
+        assert!(r.is_clean(), "{r:#?}");
+        let unsealed: Vec<_> = r
+            .notes
+            .iter()
+            .filter(|n| n.what.contains("being written"))
+            .collect();
+        assert!(unsealed.is_empty(), "segments left unsealed: {unsealed:#?}");
+    }
+}

@@ -60,13 +60,14 @@ struct Ctx {
 struct FirstCopy {
     file: PathBuf,
     offset: u64,
-    /// Queue, creation and expiry: a compaction copy repeats them exactly.
-    meta: (Vec<u8>, u64, u64),
+    /// Queue, creation, expiry and payload length: a compaction copy repeats them.
+    meta: (Vec<u8>, u64, u64, u32),
 }
 
 impl Ctx {
     /// Counts a message frame; a second frame for the same id is a compaction copy when
-    /// it is in another segment and says the same (queue, creation, expiry), else damage.
+    /// it is in another segment and says the same (queue, creation, expiry, length),
+    /// else damage.
     fn message_seen(&mut self, id: u64, copy: FirstCopy) {
         self.report.messages += 1;
         let (path, offset, meta) = (copy.file.clone(), copy.offset, copy.meta.clone());
@@ -82,6 +83,10 @@ impl Ctx {
                 "message id {id} also stored at {file} offset {off}: a compaction copy (the copy in the newer segment is the one kept)"
             );
             self.note(&path, Some(offset), what);
+        } else if first.file == path {
+            let what =
+                format!("message id {id} stored twice in this segment (also at offset {off})");
+            self.problem(&path, Some(offset), what);
         } else {
             let what = format!(
                 "message id {id} also stored at {file} offset {off} as a different message"
@@ -273,13 +278,13 @@ fn verify_segment(
                 created_at_ms,
                 expires_at_ms,
                 queue,
-                ..
+                payload_len,
             } => cx.message_seen(
                 *id,
                 FirstCopy {
                     file: path.to_path_buf(),
                     offset: f.offset,
-                    meta: (queue.clone(), *created_at_ms, *expires_at_ms),
+                    meta: (queue.clone(), *created_at_ms, *expires_at_ms, *payload_len),
                 },
             ),
             Content::Acks(_) => cx.report.ack_records += 1,
@@ -390,9 +395,14 @@ fn check_audit_log(cx: &mut Ctx, dir: &Path, ks: Option<&KeyStore>) {
             return;
         }
     };
+    // Only records the keystore vouches for: a shred logs its record before the keystore
+    // without the key is written, so a real one is always within the anchor (records past
+    // it are an interrupted append, or forged: the chain itself is not keyed).
+    let vouched = anchor.map_or(0, |(n, _)| n as usize);
     cx.shredded.extend(
         log.records
             .iter()
+            .take(vouched)
             .filter(|r| r.event == crate::format::audit::AuditEvent::DekShredded)
             .map(|r| r.subject),
     );

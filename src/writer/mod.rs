@@ -92,6 +92,8 @@ struct State {
     /// A spare is being created and zero-filled by the background maker thread.
     prefilling: bool,
     maker: Option<JoinHandle<()>>,
+    /// The highest segment id taken into use (spares are offered only above it).
+    newest_used: u64,
     /// No spare is made in the background before this (after the disk or the quota
     /// refused one: appenders report that when they need a segment).
     spare_retry_at: Option<Instant>,
@@ -342,6 +344,7 @@ impl Writer {
     /// zeroed one serves the next rotation.
     fn take_spare(&self, st: &mut MutexGuard<'_, State>) -> Result<Option<Arc<Segment>>> {
         if let Some(s) = st.spare.take() {
+            st.newest_used = st.newest_used.max(s.id);
             self.work.notify_one(); // make the next spare
             return Ok(Some(s));
         }
@@ -349,19 +352,31 @@ impl Writer {
             self.moved.wait_for(st, Duration::from_millis(20));
             return Ok(None);
         }
-        st.creating = true;
-        let r = MutexGuard::unlocked(st, || self.create_segment());
-        st.creating = false;
-        self.moved.notify_all();
-        self.offer_spare(st, r?);
+        let seg = self.create_unlocked(st)?;
+        self.offer_spare(st, seg);
         Ok(None)
     }
 
-    /// Makes `seg` the spare, or, when the lock was dropped and another maker got there
-    /// first, seals it empty (it is then shredded like any dead segment): a segment must
-    /// never be dropped while its key lives in the keystore.
+    /// Creates a segment with the state lock dropped, flagged `creating` meanwhile (the
+    /// flag is cleared even if the key provider panics, so nobody waits on it forever).
+    fn create_unlocked(&self, st: &mut MutexGuard<'_, State>) -> Result<Arc<Segment>> {
+        st.creating = true;
+        let r = MutexGuard::unlocked(st, || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.create_segment()))
+        });
+        st.creating = false;
+        self.moved.notify_all();
+        self.work.notify_one();
+        r.unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
+    /// Makes `seg` the spare. A segment made while the lock was dropped can find that
+    /// another maker got there first, or that a newer segment is already in use; it is
+    /// then sealed empty and shredded like any dead segment, so that segments are used
+    /// in id order (recovery keeps the copy in the newer segment) and none is ever
+    /// dropped while its key lives in the keystore.
     fn offer_spare(&self, st: &mut State, seg: Arc<Segment>) {
-        if st.spare.is_none() {
+        if st.spare.is_none() && seg.id > st.newest_used {
             st.spare = Some(seg);
         } else {
             let id = seg.id;
@@ -369,6 +384,7 @@ impl Writer {
                 .insert(id, Active::new(seg, None, self.clock.now_ms()));
             self.close_locked(st, id);
         }
+        self.work.notify_one();
     }
 
     fn create_segment(&self) -> Result<Arc<Segment>> {
@@ -629,7 +645,7 @@ impl Writer {
         // dropped; the data dir must not be released under it.
         {
             let mut st = self.state.lock();
-            while st.creating {
+            while st.creating && self.failed.get().is_none() {
                 self.moved.wait_for(&mut st, Duration::from_millis(20));
             }
         }
@@ -766,7 +782,7 @@ impl Writer {
         }
         let (mut runs, to_seal) = Self::take_runs(&mut st);
         // A spare still being made is sealed in a later round, once it is offered.
-        let shutdown = st.shutdown && st.actives.is_empty() && !st.prefilling;
+        let shutdown = st.shutdown && st.actives.is_empty() && !st.prefilling && !st.creating;
         drop(st);
         self.moved.notify_all();
 
@@ -824,9 +840,11 @@ impl Writer {
                 && st.pending_bytes == 0
                 && ws.last_sync.elapsed() >= self.cfg.async_sync_interval;
             let spare_due = st.spare_retry_at.is_none_or(|t| Instant::now() >= t);
-            // At shutdown, a spare being zero-filled is waited for (its maker wakes us).
+            // At shutdown, a spare being made (zero-filled in the background, or by an
+            // appender with the lock dropped) is waited for and then sealed; its maker
+            // wakes us.
             let want = self.failed.get().is_some()
-                || (st.shutdown && !(st.prefilling && st.actives.is_empty()))
+                || (st.shutdown && !((st.prefilling || st.creating) && st.actives.is_empty()))
                 || st.urgent
                 || self.arrivals.load(Ordering::SeqCst) > 0
                 || (self.waiters.load(Ordering::SeqCst) > 0 && !ws.unsynced.is_empty())
@@ -881,10 +899,7 @@ impl Writer {
                 Err(_) => st.prefilling = false,
             }
         }
-        st.creating = true;
-        let r = MutexGuard::unlocked(st, || self.create_segment());
-        st.creating = false;
-        self.moved.notify_all();
+        let r = self.create_unlocked(st);
         match r {
             Ok(s) => self.offer_spare(st, s),
             Err(Error::DiskFull { .. } | Error::DiskQuotaExceeded { .. }) => {
