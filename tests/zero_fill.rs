@@ -97,11 +97,18 @@ fn a_full_rotation_zero_fills_the_next_spare_in_group_mode_only() {
     assert_eq!(r#async, Some(true), "Async leaves the spare preallocated");
 }
 
-/// Rotations racing the background maker (appenders making their own spare while one is
-/// being zeroed) never lose a segment: after a clean close every segment file is sealed,
-/// none is left half-written with its key alive.
-#[test]
-fn racing_rotations_leave_every_segment_sealed_after_close() {
+/// A Group store with 64 KiB segments and four threads appending batches of 8 × 4 KiB
+/// to their own queues (a rotation every couple of batches), each until `more` says stop
+/// or the store refuses (closed).
+fn rotating_appenders(
+    more: impl Fn(u64) -> bool + Send + Sync + 'static,
+) -> (
+    tempfile::TempDir,
+    PathBuf,
+    Arc<FileKeyProvider>,
+    Arc<Store>,
+    Vec<std::thread::JoinHandle<()>>,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let key = Arc::new(FileKeyProvider::create(tmp.path().join("key")).unwrap());
     let dir = tmp.path().join("data");
@@ -109,9 +116,10 @@ fn racing_rotations_leave_every_segment_sealed_after_close() {
     o.segment_size = 64 << 10;
     o.max_message_size = 16 << 10;
     let store = Arc::new(Store::open(&dir, o).unwrap());
-    let hs: Vec<_> = (0..4)
+    let more = Arc::new(more);
+    let hs = (0..4)
         .map(|t| {
-            let store = Arc::clone(&store);
+            let (store, more) = (Arc::clone(&store), Arc::clone(&more));
             std::thread::spawn(move || {
                 let q = format!("q{t}");
                 let payload = vec![0x77u8; 4 << 10];
@@ -122,23 +130,20 @@ fn racing_rotations_leave_every_segment_sealed_after_close() {
                         ttl: Duration::from_secs(3600),
                     })
                     .collect();
-                for _ in 0..150 {
-                    store.append_batch(&batch).unwrap();
+                let mut calls = 0;
+                while more(calls) && store.append_batch(&batch).is_ok() {
+                    calls += 1;
                 }
             })
         })
         .collect();
-    for h in hs {
-        h.join().unwrap();
-    }
-    let stats = store.stats();
-    assert!(
-        stats.segments > 20,
-        "{} segments: too few rotations",
-        stats.segments
-    );
-    drop(store);
-    let r = cinder::verify(&dir, &*key).unwrap();
+    (tmp, dir, key, store, hs)
+}
+
+/// After a close, every segment file is sealed: none is left half-written with its key
+/// alive.
+fn assert_all_sealed(dir: &Path, key: &FileKeyProvider) {
+    let r = cinder::verify(dir, key).unwrap();
     assert!(r.is_clean(), "{r:#?}");
     let unsealed: Vec<_> = r
         .notes
@@ -148,49 +153,32 @@ fn racing_rotations_leave_every_segment_sealed_after_close() {
     assert!(unsealed.is_empty(), "segments left unsealed: {unsealed:#?}");
 }
 
+/// Rotations racing the background maker (appenders making their own spare while one is
+/// being zeroed) never lose a segment.
+#[test]
+fn racing_rotations_leave_every_segment_sealed_after_close() {
+    let (_tmp, dir, key, store, hs) = rotating_appenders(|calls| calls < 150);
+    for h in hs {
+        h.join().unwrap();
+    }
+    let segments = store.stats().segments;
+    assert!(segments > 20, "{segments} segments: too few rotations");
+    drop(store);
+    assert_all_sealed(&dir, &key);
+}
+
 /// Closing while appenders are still rotating (one may be creating a segment with the lock
 /// dropped when the close begins) still seals every segment.
 #[test]
 fn closing_while_appenders_rotate_leaves_every_segment_sealed() {
     for _ in 0..3 {
-        let tmp = tempfile::tempdir().unwrap();
-        let key = Arc::new(FileKeyProvider::create(tmp.path().join("key")).unwrap());
-        let dir = tmp.path().join("data");
-        let mut o = Options::new(key.clone());
-        o.segment_size = 64 << 10;
-        o.max_message_size = 16 << 10;
-        let store = Arc::new(Store::open(&dir, o).unwrap());
-        let hs: Vec<_> = (0..4)
-            .map(|t| {
-                let store = Arc::clone(&store);
-                std::thread::spawn(move || {
-                    let q = format!("q{t}");
-                    let payload = vec![0x78u8; 4 << 10];
-                    let batch: Vec<NewMessage<'_>> = (0..8)
-                        .map(|_| NewMessage {
-                            queue: q.as_bytes(),
-                            payload: &payload,
-                            ttl: Duration::from_secs(3600),
-                        })
-                        .collect();
-                    // Until the close refuses it.
-                    while store.append_batch(&batch).is_ok() {}
-                })
-            })
-            .collect();
+        let (_tmp, dir, key, store, hs) = rotating_appenders(|_| true);
         std::thread::sleep(Duration::from_millis(300));
         store.close().unwrap();
         for h in hs {
             h.join().unwrap();
         }
         drop(store);
-        let r = cinder::verify(&dir, &*key).unwrap();
-        assert!(r.is_clean(), "{r:#?}");
-        let unsealed: Vec<_> = r
-            .notes
-            .iter()
-            .filter(|n| n.what.contains("being written"))
-            .collect();
-        assert!(unsealed.is_empty(), "segments left unsealed: {unsealed:#?}");
+        assert_all_sealed(&dir, &key);
     }
 }
