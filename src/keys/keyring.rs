@@ -80,17 +80,29 @@ impl Keyring {
             .iter()
             .filter_map(|w| provider.epoch_of(w))
             .collect();
-        st.ks.add(id, &dek, &*provider)?;
-        let mut events = Vec::with_capacity(2);
-        if let Some(e) = st.ks.wrapped_of(id).and_then(|w| provider.epoch_of(w)) {
-            if !epochs_before.contains(&e) {
-                events.push((AuditEvent::EpochKeyCreated, e, kek));
+        // The key provider is the embedder's code: if it panics once the key is in the
+        // keystore, take the key out again, so no key without a file stays live.
+        let added = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            st.ks.add(id, &dek, &*provider)?;
+            let mut events = Vec::with_capacity(2);
+            if let Some(e) = st.ks.wrapped_of(id).and_then(|w| provider.epoch_of(w)) {
+                if !epochs_before.contains(&e) {
+                    events.push((AuditEvent::EpochKeyCreated, e, kek));
+                }
             }
-        }
-        events.push((AuditEvent::DekCreated, id, kek));
-        if let Err(e) = self.persist(&mut st, &events) {
-            st.ks.remove(id);
-            return Err(e);
+            events.push((AuditEvent::DekCreated, id, kek));
+            self.persist(&mut st, &events)
+        }));
+        match added {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                st.ks.remove(id);
+                return Err(e);
+            }
+            Err(panic) => {
+                st.ks.remove(id);
+                std::panic::resume_unwind(panic);
+            }
         }
         match Segment::create(&self.dir, id, &dek, kek, prealloc) {
             Ok(s) => Ok(s),

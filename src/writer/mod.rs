@@ -38,6 +38,9 @@ const LINGER_QUIET: Duration = Duration::from_micros(50);
 /// beyond it commits are bound by bandwidth, which zeroing would halve (measured: 1 KiB
 /// rounds of 32 gain ~20%, 512 KiB rounds break even, 2 MiB rounds lose ~15%).
 const ZERO_FILL_MAX_ROUND: u64 = 256 << 10;
+/// How long zero-filling pauses after a rotation had to make its own spare because the
+/// zeroed one was not ready (the device cannot absorb the extra writes at this rate).
+const ZERO_FILL_PAUSE: Duration = Duration::from_secs(10);
 /// After the disk or the quota refused a spare, the writer tries again this much later.
 const SPARE_RETRY: Duration = Duration::from_secs(1);
 /// Ack ids per ack frame, at most.
@@ -94,6 +97,8 @@ struct State {
     maker: Option<JoinHandle<()>>,
     /// The highest segment id taken into use (spares are offered only above it).
     newest_used: u64,
+    /// Spares are not zero-filled before this (rotations outran the zeroing).
+    zero_fill_paused_until: Option<Instant>,
     /// No spare is made in the background before this (after the disk or the quota
     /// refused one: appenders report that when they need a segment).
     spare_retry_at: Option<Instant>,
@@ -340,8 +345,9 @@ impl Writer {
     /// Takes the spare segment, or creates one (dropping the lock while the keystore is
     /// written). `None` means the lock was dropped: the caller must re-check its state.
     /// A spare still being zero-filled in the background is not waited for: this creates
-    /// one without zeroing (a rotation must not wait a whole segment's write), and the
-    /// zeroed one serves the next rotation.
+    /// one without zeroing (a rotation must not wait a whole segment's write). Rotations
+    /// are then outrunning the zeroing, whose segment is refused (`offer_spare`): zeroing
+    /// pauses for `ZERO_FILL_PAUSE` instead of being written for nothing every rotation.
     fn take_spare(&self, st: &mut MutexGuard<'_, State>) -> Result<Option<Arc<Segment>>> {
         if let Some(s) = st.spare.take() {
             st.newest_used = st.newest_used.max(s.id);
@@ -351,6 +357,9 @@ impl Writer {
         if st.creating {
             self.moved.wait_for(st, Duration::from_millis(20));
             return Ok(None);
+        }
+        if st.prefilling {
+            st.zero_fill_paused_until = Some(Instant::now() + ZERO_FILL_PAUSE);
         }
         let seg = self.create_unlocked(st)?;
         self.offer_spare(st, seg);
@@ -642,10 +651,11 @@ impl Writer {
             let _ = h.join();
         }
         // An appender may still be creating a segment (keystore write) with the lock
-        // dropped; the data dir must not be released under it.
+        // dropped; the data dir must not be released under it, failed store or not
+        // (`create_unlocked` always clears the flag, even on a panic).
         {
             let mut st = self.state.lock();
-            while st.creating && self.failed.get().is_none() {
+            while st.creating {
                 self.moved.wait_for(&mut st, Duration::from_millis(20));
             }
         }
@@ -882,6 +892,9 @@ impl Writer {
         if self.cfg.zero_fill
             && self.rotating_full.load(Ordering::Relaxed)
             && self.round_bytes.load(Ordering::Relaxed) < ZERO_FILL_MAX_ROUND
+            && st
+                .zero_fill_paused_until
+                .is_none_or(|t| Instant::now() >= t)
         {
             st.prefilling = true;
             let me = Arc::clone(self);
