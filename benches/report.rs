@@ -241,8 +241,7 @@ fn ceilings(
 /// Async appends from one thread, `n` of 1 KiB, timed until the last call returns:
 /// (messages per second, bytes per stored message).
 fn async_burst(dir: &std::path::Path, key: &Arc<FileKeyProvider>, n: usize) -> (f64, usize) {
-    let data = tempfile::tempdir_in(dir).unwrap();
-    let store = Store::open(data.path(), opts(key, Durability::Async)).unwrap();
+    let (_data, store) = bench_store(dir, key, Durability::Async, false, false);
     let payload = vec![0x42u8; 1024];
     let start = Instant::now();
     for _ in 0..n {

@@ -200,12 +200,7 @@ impl Store {
         let dir = dir
             .canonicalize()
             .map_err(|e| Error::io("resolve data dir", &dir, e))?;
-        if let Some(kf) = opts.key_provider.key_file() {
-            let kf = kf.canonicalize().unwrap_or_else(|_| kf.to_path_buf());
-            if kf.starts_with(&dir) && !opts.allow_key_in_data_dir {
-                return Err(Error::KeyFileInsideDataDir { path: kf });
-            }
-        }
+        check_key_location(&dir, &opts, &*opts.key_provider)?;
         if opts.core_dumps == crate::options::CoreDumps::Disable {
             crate::crypto::locked::disable_core_dumps()
                 .map_err(|e| Error::io("disable core dumps", "", e))?;
@@ -323,12 +318,7 @@ impl Store {
         new: Arc<dyn crate::keys::KeyProvider>,
     ) -> Result<crate::keys::RotationReport> {
         self.check_open()?;
-        check_key_location(&self.inner, &*new)?;
-        let r = self.inner.keyring.rotate(new)?;
-        self.inner
-            .last_rotation_ms
-            .store(self.inner.now_ms(), Ordering::SeqCst);
-        Ok(r)
+        rotate_master(&self.inner, new, self.inner.now_ms())
     }
 
     /// The id (public fingerprint) of the master key currently wrapping the data keys.
@@ -891,14 +881,26 @@ fn prefetch(found: &[(u64, Slot, Arc<Segment>)]) {
 
 /// Refuses a key file inside the data dir (a thief of the dir would get the key too),
 /// unless `Options::allow_key_in_data_dir`.
-pub(crate) fn check_key_location(inner: &Inner, p: &dyn crate::keys::KeyProvider) -> Result<()> {
+fn check_key_location(dir: &Path, opts: &Options, p: &dyn crate::keys::KeyProvider) -> Result<()> {
     if let Some(kf) = p.key_file() {
         let kf = kf.canonicalize().unwrap_or_else(|_| kf.to_path_buf());
-        if kf.starts_with(&inner.dir) && !inner.opts.allow_key_in_data_dir {
+        if kf.starts_with(dir) && !opts.allow_key_in_data_dir {
             return Err(Error::KeyFileInsideDataDir { path: kf });
         }
     }
     Ok(())
+}
+
+/// Rotates the master key to `new` (by hand or automatically) and notes when.
+pub(crate) fn rotate_master(
+    inner: &Inner,
+    new: Arc<dyn crate::keys::KeyProvider>,
+    now_ms: u64,
+) -> Result<crate::keys::RotationReport> {
+    check_key_location(&inner.dir, &inner.opts, &*new)?;
+    let r = inner.keyring.rotate(new)?;
+    inner.last_rotation_ms.store(now_ms, Ordering::SeqCst);
+    Ok(r)
 }
 
 /// Recovers `dir` with the master key, or, when the keystore is still under the

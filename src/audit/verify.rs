@@ -70,10 +70,21 @@ impl Ctx {
     /// else damage.
     fn message_seen(&mut self, id: u64, copy: FirstCopy) {
         self.report.messages += 1;
-        let (path, offset, meta) = (copy.file.clone(), copy.offset, copy.meta.clone());
-        let Some(first) = self.ids.insert(id, copy) else {
-            return;
+        let first = match self.ids.entry(id) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(copy);
+                return;
+            }
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
         };
+        let (
+            first,
+            FirstCopy {
+                file: path,
+                offset,
+                meta,
+            },
+        ) = (&*first, copy);
         let (file, off) = (first.file.display(), first.offset);
         if first.file != path && first.meta == meta {
             // Compaction copies a live message into a newer segment and shreds the

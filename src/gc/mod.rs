@@ -116,10 +116,7 @@ fn rotate_if_due(inner: &Inner, now: u64) -> Result<()> {
         return Ok(());
     }
     let new = (r.next_key)()?;
-    crate::store::check_key_location(inner, &*new)?;
-    inner.keyring.rotate(new)?;
-    inner.last_rotation_ms.store(now, Ordering::SeqCst);
-    Ok(())
+    crate::store::rotate_master(inner, new, now).map(|_| ())
 }
 
 /// Shreds every closed segment whose records are all dead and whose ack records no
