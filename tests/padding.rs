@@ -9,7 +9,7 @@ use std::time::Duration;
 use cinder::format::frame::{FrameHeader, FrameKind};
 use cinder::format::padding::padded_len;
 use cinder::format::segment_header::HEADER_LEN;
-use cinder::{Error, FileKeyProvider, ManualClock, Options, Padding, Store};
+use cinder::{CorruptionKind, Error, FileKeyProvider, ManualClock, Options, Padding, Store};
 
 const SIZES: [usize; 12] = [0, 1, 31, 63, 64, 100, 700, 1000, 1023, 1024, 5000, 65_535];
 
@@ -105,9 +105,18 @@ fn the_padding_flag_is_authenticated() {
     let crc = crc32fast::hash(&b[at + 4..at + h.frame_len()]);
     b[at..at + 4].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&seg, &b).unwrap();
+    // An authentication failure, not the payload-length check: a cleared flag would fail
+    // that check even if the flag were not bound into the AEAD's associated data.
     match Store::open(&data, opts(tmp.path(), Padding::Padme)) {
-        Err(Error::Corruption { offset, .. }) => assert!(offset >= at as u64),
-        other => panic!("a flipped padding flag went unnoticed: {other:?}"),
+        Err(Error::Corruption {
+            offset,
+            kind: CorruptionKind::AuthenticationFailed,
+            ..
+        }) => assert!(
+            (at..at + h.frame_len()).contains(&(offset as usize)),
+            "{offset}"
+        ),
+        other => panic!("a flipped padding flag was not an authentication failure: {other:?}"),
     }
 }
 
