@@ -23,7 +23,7 @@
 
 use zeroize::Zeroizing;
 
-use crate::crypto::{self, Dek, SealKey, KEY_LEN, TAG_LEN};
+use crate::crypto::{self, SealKey, KEY_LEN, TAG_LEN};
 use crate::error::{Error, Result};
 use crate::format::{get_u32, get_u64};
 
@@ -71,14 +71,14 @@ impl BackupParams {
     }
 }
 
-fn derive(passphrase: &[u8], salt: &[u8], p: BackupParams) -> Result<Dek> {
+fn derive(passphrase: &[u8], salt: &[u8], p: BackupParams) -> Result<SealKey> {
     let params = argon2::Params::new(p.memory_kib, p.passes, p.lanes, Some(KEY_LEN))
         .map_err(|e| Error::InvalidBackup(format!("Argon2id parameters: {e}")))?;
     let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut k = Zeroizing::new([0u8; KEY_LEN]);
     a.hash_password_into(passphrase, salt, k.as_mut())
         .map_err(|e| Error::InvalidBackup(format!("Argon2id: {e}")))?;
-    Ok(Dek::from_bytes(&k))
+    Ok(SealKey::from_raw(&k))
 }
 
 fn check_passphrase(passphrase: &[u8]) -> Result<()> {
@@ -111,7 +111,7 @@ pub fn seal(
     let key = derive(passphrase, &b[24..40], p)?;
     let mut sealed = Zeroizing::new(*kek);
     let aad = b[..AAD_LEN].to_vec();
-    let tag = SealKey::new(&key).seal([0; 12], &aad, sealed.as_mut());
+    let tag = key.seal([0; 12], &aad, sealed.as_mut());
     b[48..80].copy_from_slice(sealed.as_ref());
     b[80..].copy_from_slice(&tag);
     Ok(b)
@@ -162,7 +162,7 @@ pub fn open(b: &[u8], passphrase: &[u8]) -> Result<(Zeroizing<[u8; KEY_LEN]>, u6
     kek.copy_from_slice(&b[48..80]);
     let mut tag = [0u8; TAG_LEN];
     tag.copy_from_slice(&b[80..]);
-    if !SealKey::new(&key).open([0; 12], &b[..AAD_LEN], kek.as_mut(), &tag) {
+    if !key.open([0; 12], &b[..AAD_LEN], kek.as_mut(), &tag) {
         return Err(Error::WrongPassphrase);
     }
     if crypto::kek_fingerprint(&kek) != h.kek_id {

@@ -77,7 +77,6 @@ impl Keyring {
         let epochs_before: std::collections::HashSet<u64> = st
             .ks
             .wrapped_keys()
-            .iter()
             .filter_map(|w| provider.epoch_of(w))
             .collect();
         // The key provider is the embedder's code: if it panics once the key is in the
@@ -137,8 +136,7 @@ impl Keyring {
         // Now that no live keystore holds them, epoch keys nothing needs are destroyed
         // (HSM provider): old copies of these wrapped keys can never be opened again.
         let provider = Arc::clone(&self.provider.read());
-        let live = st.ks.wrapped_keys();
-        let live: Vec<&[u8]> = live.iter().map(Vec::as_slice).collect();
+        let live: Vec<&[u8]> = st.ks.wrapped_keys().collect();
         let destroyed = provider.retire(&live)?;
         if !destroyed.is_empty() {
             let kek = provider.kek_id();

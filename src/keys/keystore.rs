@@ -208,8 +208,8 @@ impl KeyStore {
     }
 
     /// The wrapped keys of every live entry (for a provider's `retire`).
-    pub fn wrapped_keys(&self) -> Vec<Vec<u8>> {
-        self.entries.values().map(|e| e.wrapped.clone()).collect()
+    pub fn wrapped_keys(&self) -> impl Iterator<Item = &[u8]> {
+        self.entries.values().map(|e| &e.wrapped[..])
     }
 
     /// The wrapped key of a segment.
