@@ -6,8 +6,6 @@
 
 pub mod locked;
 
-use std::mem::MaybeUninit;
-
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
@@ -66,9 +64,9 @@ impl std::fmt::Debug for Dek {
 /// An expanded AEAD key, ready to seal and open. It lives in locked, dump-excluded
 /// memory that is wiped on drop.
 pub struct SealKey {
-    // `ring` keys do not zeroize themselves, so the key lives in a slot wiped on drop.
-    // `MaybeUninit` lets the slot hold a state (all zero) that is not a valid key.
-    inner: locked::LockedBox<MaybeUninit<LessSafeKey>>,
+    // `ring` keys do not zeroize themselves, so the key lives in a locked slot that the
+    // box wipes when it is dropped.
+    inner: locked::LockedBox<LessSafeKey>,
 }
 
 impl std::fmt::Debug for SealKey {
@@ -87,23 +85,14 @@ impl SealKey {
         // A 32-byte key is always valid for ChaCha20-Poly1305.
         let unbound = UnboundKey::new(&CHACHA20_POLY1305, bytes).expect("32-byte key is valid");
         SealKey {
-            inner: locked::LockedBox::new(MaybeUninit::new(LessSafeKey::new(unbound))),
-        }
-    }
-
-    fn key(&self) -> &LessSafeKey {
-        #[expect(unsafe_code, reason = "MaybeUninit access to a key we wipe on drop")]
-        // SAFETY: `inner` is initialised in `from_raw` and only de-initialised (zeroed)
-        // in `Drop`, after which `self` can no longer be borrowed.
-        unsafe {
-            self.inner.assume_init_ref()
+            inner: locked::LockedBox::new(LessSafeKey::new(unbound)),
         }
     }
 
     /// Seals `buf` in place and returns the tag.
     pub fn seal(&self, nonce: [u8; 12], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
         let tag = self
-            .key()
+            .inner
             .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), buf)
             .expect("sealing fails only for inputs over 256 GiB");
         let mut out = [0u8; TAG_LEN];
@@ -114,7 +103,7 @@ impl SealKey {
     /// Opens `buf` in place. `false` means the tag did not verify (and `buf` is garbage).
     #[must_use]
     pub fn open(&self, nonce: [u8; 12], aad: &[u8], buf: &mut [u8], tag: &[u8; TAG_LEN]) -> bool {
-        self.key()
+        self.inner
             .open_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(aad),
