@@ -32,6 +32,11 @@ pub enum CorruptionKind {
     },
     /// Segment files exist but the keystore does not.
     MissingKeystore,
+    /// The keystore holds the key of a sealed segment whose file is missing: the file
+    /// was lost or deleted after it was sealed (an interrupted creation never has a
+    /// sealed length). Its messages, or the ack records that keep acked messages dead,
+    /// are gone; restore the file, or open with `RecoveryMode::SalvageMissingSegments`.
+    SegmentMissing { segment_id: u64, sealed_len: u64 },
     /// A key audit log record does not chain to the one before it: it, or one before
     /// it, was edited, removed, inserted or moved.
     AuditChainBroken { seq: u64 },
@@ -65,6 +70,10 @@ impl std::fmt::Display for CorruptionKind {
                 "keystore is older than the segments: segment {segment_id} has no key and is not below the keystore's next segment id {next_segment_id}"
             ),
             Self::MissingKeystore => write!(f, "segment files exist but the keystore file is missing"),
+            Self::SegmentMissing { segment_id, sealed_len } => write!(
+                f,
+                "segment {segment_id} was sealed at {sealed_len} bytes but its file is missing (lost or deleted); restore it, or open with RecoveryMode::SalvageMissingSegments to drop it and take the loss (acked messages may come back)"
+            ),
             Self::AuditChainBroken { seq } => write!(
                 f,
                 "key audit log chain broken at record {seq} (a record was edited, removed, inserted or moved)"
@@ -176,8 +185,8 @@ pub enum Error {
 impl Error {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         let path = path.into();
-        if source.raw_os_error() == Some(28) {
-            // ENOSPC
+        // ENOSPC (the device is full) and EDQUOT (the user's quota is): no space.
+        if matches!(source.raw_os_error(), Some(28 | 122)) {
             return Error::DiskFull { path };
         }
         Error::Io { op, path, source }

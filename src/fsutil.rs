@@ -7,6 +7,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::vfs::FileSystem;
 
 /// Creates `dir` (and parents) with mode 0700 if it does not exist.
 pub fn create_private_dir(dir: &Path) -> Result<()> {
@@ -19,13 +20,17 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 
 /// Opens a new file with mode 0600, failing if it exists.
 pub fn create_private_file(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| Error::io("create file", path, e))
+    crate::vfs::real::create_new(path).map_err(|e| Error::io("create file", path, e))
+}
+
+/// Creates the temp file `tmp` (0600) afresh: a stale one a crash left is removed first.
+pub fn create_temp(vfs: &dyn FileSystem, tmp: &Path) -> Result<File> {
+    if tmp.exists() {
+        vfs.remove_file(tmp)
+            .map_err(|e| Error::io("remove temp file", tmp, e))?;
+    }
+    vfs.create_new(tmp)
+        .map_err(|e| Error::io("create file", tmp, e))
 }
 
 /// Writes `bytes` to a new private file (0600; fails if it exists), fsynced together with
@@ -40,7 +45,7 @@ pub fn write_new_private(path: &Path, bytes: &[u8]) -> Result<()> {
         .and_then(|()| f.sync_all())
         .map_err(|e| Error::io("write file", path, e))?;
     if let Some(parent) = parent {
-        sync_dir(parent)?;
+        sync_dir(&crate::vfs::RealFs, parent)?;
     }
     Ok(())
 }
@@ -70,24 +75,28 @@ pub fn read_secret(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>> {
 }
 
 /// fsyncs a directory so that creations, renames and unlinks in it are durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+pub fn sync_dir(vfs: &dyn FileSystem, dir: &Path) -> Result<()> {
+    vfs.sync_dir(dir)
         .map_err(|e| Error::io("fsync dir", dir, e))
 }
 
 /// Replaces `path` with `bytes` crash-safely: write a temp file (0600), fsync it, rename
 /// it over `path`, fsync the directory. A crash leaves either the old or the new file.
-pub fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn replace_file(vfs: &dyn FileSystem, path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
-    let _ = fs::remove_file(&tmp);
-    let mut f = create_private_file(&tmp)?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| Error::io("write temp file", &tmp, e))?;
+    let f = create_temp(vfs, &tmp)?;
+    let written = vfs
+        .write_at(&f, &tmp, bytes, 0)
+        .and_then(|()| vfs.sync_all(&f, &tmp));
+    if let Err(e) = written {
+        drop(f);
+        let _ = vfs.remove_file(&tmp);
+        return Err(Error::io("write temp file", &tmp, e));
+    }
     drop(f);
-    fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    vfs.rename(&tmp, path)
+        .map_err(|e| Error::io("rename", path, e))?;
+    sync_dir(vfs, path.parent().unwrap_or(Path::new(".")))
 }
 
 /// The temp-file name used by [`replace_file`].

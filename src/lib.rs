@@ -33,6 +33,7 @@ mod options;
 mod recovery;
 mod segment;
 mod store;
+pub mod vfs;
 mod writer;
 
 pub use audit::{

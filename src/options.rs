@@ -42,6 +42,12 @@ pub enum RecoveryMode {
     TolerateTornTail,
     /// Any damage, a torn tail included, fails the open.
     Strict,
+    /// As `TolerateTornTail`, but a sealed segment whose file is missing does not fail
+    /// the open: its key is dropped and the loss is reported in
+    /// `RecoveryReport::missing_segments`. Its messages are lost, and if it held ack
+    /// records, the messages they acked are delivered again. Only for an operator who
+    /// has decided to take that loss to get a store back.
+    SalvageMissingSegments,
 }
 
 /// Automatic master-key rotation: every `every`, the background maintenance asks
@@ -184,6 +190,9 @@ pub struct Options {
     /// Start background threads (reaper, writer). Always true outside tests that drive
     /// maintenance by hand with [`crate::Store::maintain`].
     pub background_reaper: bool,
+    /// Where every file operation on the data dir goes (default: the real file system).
+    /// Tests put a [`crate::vfs::FaultFs`] here to inject I/O faults and cut power.
+    pub file_system: Arc<dyn crate::vfs::FileSystem>,
 }
 
 impl Options {
@@ -210,6 +219,7 @@ impl Options {
             allow_key_in_data_dir: false,
             zero_fill_segments: true,
             background_reaper: true,
+            file_system: Arc::new(crate::vfs::RealFs),
         }
     }
 

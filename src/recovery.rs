@@ -3,7 +3,6 @@
 //! index, and apply ack records.
 
 use std::collections::HashMap;
-use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,6 +18,7 @@ use crate::options::RecoveryMode;
 use crate::segment::codec;
 use crate::segment::scan::{self, Content};
 use crate::segment::{self, Segment};
+use crate::vfs::FileSystem;
 
 /// Ids are skipped by this much at every open, so an id handed out in Async mode but
 /// lost in a crash is never issued again.
@@ -39,6 +39,9 @@ pub struct RecoveryReport {
     pub deleted_unkeyed: Vec<PathBuf>,
     /// Keys without a segment file (a creation interrupted): dropped.
     pub orphan_keys: usize,
+    /// Sealed segments whose file was missing, dropped with their keys
+    /// (`RecoveryMode::SalvageMissingSegments` only; any other mode fails the open).
+    pub missing_segments: Vec<PathBuf>,
     /// Files in the data dir that cinder does not know (left alone).
     pub unknown_files: Vec<PathBuf>,
     /// Message records read.
@@ -98,17 +101,17 @@ struct Listing {
     unknown: Vec<PathBuf>,
 }
 
-fn list_dir(dir: &Path) -> Result<Listing> {
+fn list_dir(fs: &dyn FileSystem, dir: &Path) -> Result<Listing> {
     let mut l = Listing {
         segments: HashMap::new(),
         unknown: Vec::new(),
     };
-    for entry in fs::read_dir(dir).map_err(|e| Error::io("list data dir", dir, e))? {
-        let entry = entry.map_err(|e| Error::io("list data dir", dir, e))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+    let entries = fs
+        .list_dir(dir)
+        .map_err(|e| Error::io("list data dir", dir, e))?;
+    for (name, path) in entries {
         if let Some(id) = segment::parse_file_name(&name) {
-            l.segments.insert(id, entry.path());
+            l.segments.insert(id, path);
         } else if name
             .strip_suffix(".tmp")
             .and_then(segment::parse_file_name)
@@ -116,26 +119,31 @@ fn list_dir(dir: &Path) -> Result<Listing> {
         {
             // A segment creation interrupted before its rename: its key (if persisted) has
             // no file and is dropped below.
-            fs::remove_file(entry.path())
-                .map_err(|e| Error::io("remove temp segment", entry.path(), e))?;
+            fs.remove_file(&path)
+                .map_err(|e| Error::io("remove temp segment", &path, e))?;
         } else if name == format!("{KEYSTORE_FILE}.tmp") || name == format!("{AUDIT_FILE}.tmp") {
             // An interrupted keystore write: the rename never happened, the old file rules.
-            fs::remove_file(entry.path())
-                .map_err(|e| Error::io("remove temp keystore", entry.path(), e))?;
+            fs.remove_file(&path)
+                .map_err(|e| Error::io("remove temp keystore", &path, e))?;
         } else if name != KEYSTORE_FILE && name != AUDIT_FILE && name != "LOCK" {
-            l.unknown.push(entry.path());
+            l.unknown.push(path);
         }
     }
     Ok(l)
 }
 
 /// Loads the keystore, or creates an empty one for a new data dir.
-fn load_keystore(dir: &Path, provider: &dyn KeyProvider, has_segments: bool) -> Result<KeyStore> {
-    match KeyStore::load(dir, provider)? {
+fn load_keystore(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    provider: &dyn KeyProvider,
+    has_segments: bool,
+) -> Result<KeyStore> {
+    match KeyStore::load(fs, dir, provider)? {
         Some(ks) => Ok(ks),
         None if !has_segments => {
             let mut ks = KeyStore::new_empty(dir);
-            ks.persist(provider)?;
+            ks.persist(fs, provider)?;
             Ok(ks)
         }
         None => Err(Error::corruption(
@@ -147,11 +155,14 @@ fn load_keystore(dir: &Path, provider: &dyn KeyProvider, has_segments: bool) -> 
 }
 
 /// Matches segment files with keys. Returns the files whose key was shredded (to delete);
-/// drops keys without files from `ks`.
+/// drops keys without files from `ks`. A key without a file whose segment was sealed
+/// (the keystore knows its final length) is not an interrupted creation: the file was
+/// lost or deleted, and with it durable messages or the ack records that keep acked
+/// messages dead. That fails the open (`SegmentMissing`) unless the mode salvages.
 fn reconcile(
-    ks: &mut KeyStore,
+    (dir, ks): (&Path, &mut KeyStore),
     files: &HashMap<u64, PathBuf>,
-    report: &mut RecoveryReport,
+    (mode, report): (RecoveryMode, &mut RecoveryReport),
     dropped: &mut Vec<crate::keys::audit::Event>,
 ) -> Result<Vec<PathBuf>> {
     let mut unkeyed = Vec::new();
@@ -171,40 +182,62 @@ fn reconcile(
         }
         unkeyed.push(path.clone());
     }
-    let orphans: Vec<u64> = ks
+    let mut orphans: Vec<u64> = ks
         .segment_ids()
         .filter(|id| !files.contains_key(id))
         .collect();
+    orphans.sort_unstable();
     for &id in &orphans {
+        let sealed_len = ks.sealed_len(id);
+        if sealed_len != 0 {
+            let path = dir.join(segment::file_name(id));
+            if mode != RecoveryMode::SalvageMissingSegments {
+                return Err(Error::corruption(
+                    path,
+                    0,
+                    CorruptionKind::SegmentMissing {
+                        segment_id: id,
+                        sealed_len,
+                    },
+                ));
+            }
+            report.missing_segments.push(path);
+        } else {
+            report.orphan_keys += 1;
+        }
         if let Some(e) = ks.remove(id) {
             dropped.push((AuditEvent::DekShredded, id, e.kek_id));
         }
     }
-    report.orphan_keys = orphans.len();
     Ok(unkeyed)
 }
 
 /// Recovers the data dir (already locked by the caller).
 pub fn recover(
-    dir: &Path,
+    (fs, dir): (&Arc<dyn FileSystem>, &Path),
     provider: &dyn KeyProvider,
     mode: RecoveryMode,
     now_ms: u64,
     max_shred_delay_ms: u64,
 ) -> Result<Recovered> {
-    let listing = list_dir(dir)?;
+    let listing = list_dir(&**fs, dir)?;
     let mut report = RecoveryReport {
         unknown_files: listing.unknown,
         ..RecoveryReport::default()
     };
-    let mut ks = load_keystore(dir, provider, !listing.segments.is_empty())?;
-    let (mut audit, found) = KeyAudit::open(dir, ks.audit_anchor, mode)?;
+    let mut ks = load_keystore(&**fs, dir, provider, !listing.segments.is_empty())?;
+    let (mut audit, found) = KeyAudit::open(fs, dir, ks.audit_anchor, mode)?;
     report.audit_torn_tail_cut = found.torn_tail_cut;
     report.audit_log_created = found.created;
     let last_rotation_ms = found.last_rotation_ms;
     // Keys dropped because their file never came to be are shredded too: audited.
     let mut events = Vec::new();
-    let unkeyed = reconcile(&mut ks, &listing.segments, &mut report, &mut events)?;
+    let unkeyed = reconcile(
+        (dir, &mut ks),
+        &listing.segments,
+        (mode, &mut report),
+        &mut events,
+    )?;
     let mut work = Vec::new();
     let mut ids: Vec<u64> = ks.segment_ids().collect();
     ids.sort_unstable();
@@ -216,7 +249,7 @@ pub fn recover(
         work.push((id, listing.segments[&id].clone(), dek, ks.sealed_len(id)));
     }
     audit.append(&events, now_ms)?;
-    let scanned = scan_all(work, mode)?;
+    let scanned = scan_all(fs, work, mode)?;
     let (segments, messages, max_id) =
         rebuild(scanned, &mut ks, &mut report, (now_ms, max_shred_delay_ms));
     let next_id = max_id
@@ -226,13 +259,14 @@ pub fn recover(
     ks.id_floor = next_id;
     ks.time_floor_ms = ks.time_floor_ms.max(now_ms);
     ks.audit_anchor = Some(audit.anchor());
-    ks.persist(provider)?;
+    ks.persist(&**fs, provider)?;
     // Keys of these are gone already: finish the interrupted shreds.
     for p in &unkeyed {
-        fs::remove_file(p).map_err(|e| Error::io("remove shredded segment", p, e))?;
+        fs.remove_file(p)
+            .map_err(|e| Error::io("remove shredded segment", p, e))?;
     }
     if !unkeyed.is_empty() {
-        fsutil::sync_dir(dir)?;
+        fsutil::sync_dir(&**fs, dir)?;
     }
     report.deleted_unkeyed = unkeyed;
     Ok(Recovered {
@@ -325,7 +359,11 @@ fn rebuild(
 }
 
 /// Scans segments on up to two threads (recovery time follows live data, not cores).
-fn scan_all(work: Vec<(u64, PathBuf, Dek, u64)>, mode: RecoveryMode) -> Result<Vec<Scanned>> {
+fn scan_all(
+    fs: &Arc<dyn FileSystem>,
+    work: Vec<(u64, PathBuf, Dek, u64)>,
+    mode: RecoveryMode,
+) -> Result<Vec<Scanned>> {
     let threads = std::thread::available_parallelism()
         .map_or(1, std::num::NonZero::get)
         .clamp(1, 4);
@@ -340,7 +378,9 @@ fn scan_all(work: Vec<(u64, PathBuf, Dek, u64)>, mode: RecoveryMode) -> Result<V
             .map(|b| {
                 sc.spawn(move || {
                     b.into_iter()
-                        .map(|(id, p, k, sealed_len)| scan_segment(id, &p, &k, sealed_len, mode))
+                        .map(|(id, p, k, sealed_len)| {
+                            scan_segment(fs, (id, &p), &k, sealed_len, mode)
+                        })
                         .collect()
                 })
             })
@@ -363,19 +403,24 @@ fn scan_all(work: Vec<(u64, PathBuf, Dek, u64)>, mode: RecoveryMode) -> Result<V
 
 /// Scans one segment. A sealed segment must be intact; an unsealed one (being written at
 /// a crash) may end in a torn tail, which is cut at the first bad frame and then sealed.
+///
+/// The repair is crash-safe and idempotent: first the file is cut at the end of the last
+/// good frame and fsynced (a crash leaves an unsealed segment without its torn tail, which
+/// the next recovery repairs again); then the seal is appended and fsynced (a crash leaves
+/// at most a torn seal: a torn tail again). Never a seal with bytes after it.
 fn scan_segment(
-    id: u64,
-    path: &Path,
+    fs: &Arc<dyn FileSystem>,
+    (id, path): (u64, &Path),
     dek: &Dek,
     sealed_len: u64,
     mode: RecoveryMode,
 ) -> Result<Scanned> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
+    let file = fs
         .open(path)
         .map_err(|e| Error::io("open segment", path, e))?;
-    let bytes = fs::read(path).map_err(|e| Error::io("read segment", path, e))?;
+    let bytes = fs
+        .read(path)
+        .map_err(|e| Error::io("read segment", path, e))?;
     let len = bytes.len() as u64;
     let key = SealKey::new(dek);
     check_header(&bytes, id, path)?;
@@ -397,7 +442,7 @@ fn scan_segment(
         return Err(Error::corruption(path, *off, kind.clone()));
     }
     let mut out = Scanned {
-        seg: Segment::open_recovered(id, path.to_path_buf(), dek, file),
+        seg: Segment::open_recovered(Arc::clone(fs), (id, path.to_path_buf()), dek, file),
         messages: Vec::new(),
         acks: Vec::new(),
         max_id: 0,
@@ -409,13 +454,22 @@ fn scan_segment(
     let mut end = walk.end;
     if let Some((bad, kind)) = walk.stopped.clone() {
         // Zeros after the last frame of an unsealed segment are its preallocation: a clean
-        // end, not damage. Anything else there is a torn tail.
-        if sealed || (mode == RecoveryMode::Strict && walk.dropped > 0) {
+        // end, not damage. Anything else there is a torn tail, unless the bad frame was
+        // written whole and data follows it (bit rot in durable data, not a write a
+        // crash cut short: cutting there would drop durable frames, acks included).
+        if sealed
+            || (mode == RecoveryMode::Strict && walk.dropped > 0)
+            || (walk.dropped > 0 && scan::damaged_mid_segment(&bytes, bad))
+        {
             return Err(Error::corruption(path, bad as u64, kind));
         }
         if walk.dropped > 0 {
             out.truncated = Some((bad as u64, walk.dropped));
         }
+    }
+    if end != bytes.len() && !walk.sealed {
+        out.seg.truncate(end as u64)?;
+        out.seg.sync()?;
     }
     if !walk.sealed {
         // Seal it now (the seal's nonce is random, never an offset: no nonce repeats).
@@ -423,11 +477,10 @@ fn scan_segment(
         let f = codec::seal_segment(&key, id, end as u64, walk.records, walk.data_crc, salt);
         out.seg.write_at(&f, end as u64)?;
         end += f.len();
-    }
-    if end != bytes.len() {
+        out.seg.sync()?;
+    } else if end != bytes.len() {
+        // Zeros after a valid seal: the writer's seal landed, its cut did not.
         out.seg.truncate(end as u64)?;
-    }
-    if end != bytes.len() || !walk.sealed {
         out.seg.sync()?;
     }
     drop(bytes);

@@ -100,6 +100,14 @@ pub struct Stats {
     pub write_amplification: f64,
     /// How long the oldest dead record that can still be decrypted has been dead.
     pub oldest_dead_openable_age: Option<Duration>,
+    /// The most by which any record outlived `max_shred_delay` since open: at its shred,
+    /// or (still decryptable) now. Zero while the deadline holds.
+    pub shred_overrun_max: Duration,
+    /// Compactions that failed for a reason that may pass and were retried.
+    pub compaction_retries: u64,
+    /// Segments no compaction can empty (a record that does not open; see
+    /// `last_gc_error`): their dead records are shredded only with the whole segment.
+    pub uncompactable_segments: u64,
 }
 
 pub(crate) struct Inner {
@@ -121,6 +129,8 @@ pub(crate) struct Inner {
     /// Recent shred latencies (death of the first record → key destroyed), ms.
     shred_latencies: Mutex<std::collections::VecDeque<u64>>,
     pub last_gc_error: Mutex<Option<String>>,
+    shred_overrun_max_ms: AtomicU64,
+    compaction_retries: AtomicU64,
     closed: AtomicBool,
     report: RecoveryReport,
     /// When the master key was last rotated (or the store created), ms.
@@ -144,8 +154,17 @@ impl Inner {
         self.clock.now_ms().max(self.time_floor_ms)
     }
 
-    /// Keeps the last `SHRED_LATENCY_WINDOW` shred latencies for `stats()`.
+    /// Counts a compaction that failed for a reason that may pass (retried).
+    pub fn count_compaction_retry(&self) {
+        self.compaction_retries.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Keeps the last `SHRED_LATENCY_WINDOW` shred latencies for `stats()`, and the
+    /// largest overrun of the deadline.
     pub fn record_shred_latency(&self, ms: u64) {
+        let d = self.opts.max_shred_delay.as_millis() as u64;
+        self.shred_overrun_max_ms
+            .fetch_max(ms.saturating_sub(d), Ordering::SeqCst);
         let mut l = self.shred_latencies.lock();
         if l.len() == SHRED_LATENCY_WINDOW {
             l.pop_front();
@@ -212,7 +231,7 @@ impl Store {
         let next_id = Arc::new(AtomicU64::new(rec.next_id));
         let last_rotation_ms = rec.last_rotation_ms.unwrap_or_else(|| clock.now_ms());
         let keyring = Arc::new(Keyring::new(
-            &dir,
+            (&dir, Arc::clone(&opts.file_system)),
             (rec.keystore, rec.audit),
             Arc::clone(&provider),
             Arc::clone(&next_id),
@@ -263,6 +282,8 @@ impl Store {
             bytes_copied: AtomicU64::new(0),
             shred_latencies: Mutex::new(std::collections::VecDeque::new()),
             last_gc_error: Mutex::new(None),
+            shred_overrun_max_ms: AtomicU64::new(0),
+            compaction_retries: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             report: rec.report,
             last_rotation_ms: AtomicU64::new(last_rotation_ms),
@@ -738,6 +759,7 @@ impl Store {
         let mut oldest_death = u64::MAX;
         for seg in i.segments.all() {
             s.segments += 1;
+            s.uncompactable_segments += u64::from(seg.uncompactable.load(Ordering::SeqCst));
             s.bytes_on_disk += seg.data_len();
             let live = seg.live.load(Ordering::SeqCst);
             let dead = seg.records.load(Ordering::SeqCst).saturating_sub(live);
@@ -751,10 +773,15 @@ impl Store {
                 }
             }
         }
+        let d = i.opts.max_shred_delay.as_millis() as u64;
+        let mut overrun = i.shred_overrun_max_ms.load(Ordering::SeqCst);
         if oldest_death != u64::MAX {
-            s.oldest_dead_openable_age =
-                Some(Duration::from_millis(now.saturating_sub(oldest_death)));
+            let age = now.saturating_sub(oldest_death);
+            s.oldest_dead_openable_age = Some(Duration::from_millis(age));
+            overrun = overrun.max(age.saturating_sub(d));
         }
+        s.shred_overrun_max = Duration::from_millis(overrun);
+        s.compaction_retries = i.compaction_retries.load(Ordering::SeqCst);
         s.bytes_appended = i.bytes_appended.load(Ordering::SeqCst);
         s.bytes_copied = i.bytes_copied.load(Ordering::SeqCst);
         s.write_amplification = if s.bytes_appended == 0 {
@@ -912,7 +939,7 @@ fn recover_with_keys(
 ) -> Result<(recovery::Recovered, Arc<dyn crate::keys::KeyProvider>)> {
     let recover = |p: &dyn crate::keys::KeyProvider| {
         recovery::recover(
-            dir,
+            (&opts.file_system, dir),
             p,
             opts.recovery,
             opts.clock.now_ms(),

@@ -4,54 +4,15 @@
 //! `max_shred_delay` can still be decrypted with any key that exists.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cinder::crypto::SealKey;
-use cinder::format::frame::{aad, nonce, FrameHeader, FrameKind, MessageMeta, Part, TAG_LEN};
-use cinder::format::keystore::KeystoreImage;
-use cinder::format::segment_header::HEADER_LEN;
-use cinder::{Clock, FileKeyProvider, KeyProvider, ManualClock, MessageId, Options, Store};
+mod common;
+
+use cinder::{Clock, FileKeyProvider, ManualClock, MessageId, Options, Store};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 const STEP: Duration = Duration::from_millis(250);
-
-/// Every message id whose meta part opens with a key that is in the keystore, with the
-/// segment it is in. Uses only the documented format.
-fn openable_messages(dir: &Path, key: &FileKeyProvider) -> Vec<(u64, u64)> {
-    let img = KeystoreImage::decode(&std::fs::read(dir.join("KEYS")).unwrap()).unwrap();
-    let mut out = Vec::new();
-    for e in &img.entries {
-        let Ok(bytes) = std::fs::read(dir.join(format!("{:016x}.seg", e.segment_id))) else {
-            continue;
-        };
-        let mut ctx = b"cinder dek".to_vec();
-        ctx.extend_from_slice(&e.segment_id.to_le_bytes());
-        ctx.extend_from_slice(&e.dek_id.to_le_bytes());
-        let dek = key.unwrap(&e.wrapped, &ctx).unwrap().unwrap();
-        let sk = SealKey::new(&dek);
-        let mut pos = HEADER_LEN;
-        while let Ok(h) = FrameHeader::decode(&bytes[pos.min(bytes.len())..]) {
-            if pos + h.frame_len() > bytes.len() {
-                break;
-            }
-            if h.kind == FrameKind::Message {
-                let m = h.meta_range();
-                let mut meta = bytes[pos + m.start..pos + m.end].to_vec();
-                let (ct, tag) = meta.split_at_mut(m.len() - TAG_LEN);
-                let mut t = [0u8; TAG_LEN];
-                t.copy_from_slice(tag);
-                let a = aad(e.segment_id, pos as u64, &h, Part::Meta);
-                if sk.open(nonce(pos as u64, Part::Meta), &a, ct, &t) {
-                    out.push((e.segment_id, MessageMeta::decode(ct).unwrap().id));
-                }
-            }
-            pos += h.frame_len();
-        }
-    }
-    out
-}
 
 struct Sent {
     queue: Vec<u8>,
@@ -124,7 +85,7 @@ fn no_dead_message_is_decryptable_past_the_deadline() {
                 .iter()
                 .filter_map(|s| Some((s.id.0, s.died?)))
                 .collect();
-            for (seg, id) in openable_messages(&dir, &key) {
+            for (seg, id) in common::openable::openable_messages(&dir, &[&*key]) {
                 if let Some(&d) = died.get(&id) {
                     let dead_for = now.saturating_sub(d);
                     assert!(

@@ -1006,3 +1006,64 @@ fn restored_copy_of_a_shredded_segment_is_deleted_not_resurrected() {
     assert!(!seg.path.exists());
     assert!(read_all(&store, b"gone").unwrap().is_empty());
 }
+
+#[test]
+fn a_deleted_sealed_segment_fails_the_open_unless_salvage_is_asked_for() {
+    let f = Fixture::new();
+    for victim in [0, 1] {
+        let dir = f.copy(&format!("deleted-{victim}"));
+        // The fixture acks in its last queue: the ack records are in a sealed segment
+        // too, and deleting either kind of file is refused.
+        let segs: Vec<Seg> = segments(&dir)
+            .into_iter()
+            .filter(|s| s.seal.is_some() && !s.frames.is_empty())
+            .collect();
+        let seg = if victim == 0 {
+            segs.iter().find(|s| !s.messages().is_empty()).unwrap()
+        } else {
+            segs.iter()
+                .find(|s| s.frames.iter().any(|(_, h)| h.kind == FrameKind::Acks))
+                .unwrap()
+        };
+        fs::remove_file(&seg.path).unwrap();
+        let kind = corruption(open(&dir, f.opts()), &seg.path, 0);
+        assert!(
+            matches!(kind, CorruptionKind::SegmentMissing { segment_id, sealed_len }
+                if segment_id == seg.id && sealed_len == seg.bytes.len() as u64),
+            "{kind:?}"
+        );
+        // Refusing changed nothing: the same open fails again, the same way.
+        assert!(open(&dir, f.opts()).is_err());
+        let mut o = f.opts();
+        o.recovery = RecoveryMode::SalvageMissingSegments;
+        let store = open(&dir, o).unwrap();
+        assert_eq!(
+            store.recovery_report().missing_segments,
+            vec![seg.path.clone()]
+        );
+        drop(store);
+        // Salvaged: the key is gone with the file; the store opens normally again.
+        let store = open(&dir, f.opts()).unwrap();
+        assert!(store.recovery_report().missing_segments.is_empty());
+    }
+}
+
+#[test]
+fn bit_rot_in_a_middle_frame_of_an_unsealed_segment_is_corruption_not_a_torn_tail() {
+    let lc = LiveCopy::new();
+    let seg = unsealed_message_segment(&lc.copy);
+    let msgs = seg.messages();
+    let (mid, h) = msgs[msgs.len() / 2];
+    let mut b = seg.bytes.clone();
+    b[mid + h.frame_len() - 20] ^= 0x01; // one bit of a durable frame, later frames intact
+    fs::write(&seg.path, &b).unwrap();
+    for mode in [RecoveryMode::TolerateTornTail, RecoveryMode::Strict] {
+        let kind = corruption(open(&lc.copy, lc.opts(mode)), &seg.path, mid as u64);
+        assert!(
+            matches!(kind, CorruptionKind::ChecksumMismatch { .. }),
+            "{kind:?}"
+        );
+    }
+    // Nothing was cut: the file is as it was.
+    assert_eq!(fs::read(&seg.path).unwrap(), b);
+}

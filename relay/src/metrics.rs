@@ -194,7 +194,7 @@ impl Metrics {
 
 /// The engine's `stats()`.
 fn render_engine(o: &mut String, stats: &cinder::Stats) {
-    let samples: [(&str, &str, &str, u64); 9] = [
+    let samples: [(&str, &str, &str, u64); 11] = [
         (
             "cinder_queues",
             "gauge",
@@ -248,6 +248,18 @@ fn render_engine(o: &mut String, stats: &cinder::Stats) {
             "counter",
             "Frame bytes copied by compaction since start.",
             stats.bytes_copied,
+        ),
+        (
+            "cinder_compaction_retries_total",
+            "counter",
+            "Compactions that failed for a reason that may pass (disk full, key provider) and were retried.",
+            stats.compaction_retries,
+        ),
+        (
+            "cinder_uncompactable_segments",
+            "gauge",
+            "Segments no compaction can empty (a record that does not open).",
+            stats.uncompactable_segments,
         ),
     ];
     for (name, kind, help, v) in samples {
@@ -310,6 +322,17 @@ fn render_engine_times(o: &mut String, stats: &cinder::Stats) {
         stats
             .oldest_dead_openable_age
             .map_or(0.0, |d| d.as_secs_f64())
+    );
+    header(
+        o,
+        "cinder_shred_overrun_max_seconds",
+        "gauge",
+        "The most by which any dead record outlived max_shred_delay since start (0 while the deadline holds).",
+    );
+    let _ = writeln!(
+        o,
+        "cinder_shred_overrun_max_seconds {}",
+        stats.shred_overrun_max.as_secs_f64()
     );
     header(
         o,

@@ -107,7 +107,7 @@ pub fn inspect(
         }
     }
     let ks = match provider {
-        Some(p) => KeyStore::load(dir, p)?,
+        Some(p) => KeyStore::load(&crate::vfs::RealFs, dir, p)?,
         None => None,
     };
     let mut files: Vec<(u64, PathBuf, Vec<u8>)> = Vec::new();

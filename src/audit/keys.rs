@@ -33,7 +33,7 @@ pub fn key_audit_log(dir: &Path, provider: Option<&dyn KeyProvider>) -> Result<K
     let log = decode_log(&bytes).map_err(|e| e.into_error(&path, 0))?;
     let matches_keystore = match provider {
         None => None,
-        Some(p) => KeyStore::load(dir, p)?
+        Some(p) => KeyStore::load(&crate::vfs::RealFs, dir, p)?
             .and_then(|ks| ks.audit_anchor)
             .map(|a| log.reaches(a)),
     };

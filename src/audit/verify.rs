@@ -146,7 +146,7 @@ pub fn verify(dir: &Path, provider: &dyn KeyProvider) -> Result<VerifyReport> {
         );
     }
     let keys_path = KeyStore::path_in(dir);
-    let ks = match KeyStore::load(dir, provider) {
+    let ks = match KeyStore::load(&crate::vfs::RealFs, dir, provider) {
         Ok(Some(ks)) => Some(ks),
         Ok(None) => {
             if !listing.segments.is_empty() {

@@ -44,15 +44,26 @@ pub fn compact_due(inner: &Inner) -> Result<(usize, u64)> {
         let r = compact_one(inner, &seg, now);
         match r {
             Ok(bytes) => {
+                seg.compact_failures.store(0, Ordering::SeqCst);
                 seg.compacting.store(false, Ordering::SeqCst);
                 done.0 += 1;
                 done.1 += bytes;
             }
-            // A segment that cannot be compacted (a record that does not open) is not
-            // retried on every pass; the error is reported and the other segments are
-            // still compacted.
+            // A record that does not open makes the segment uncompactable for good
+            // (reported; its other records keep their deadline only by shredding the
+            // whole segment once they die). Anything else may pass (a full disk, the key
+            // provider, the writer's backlog): retried with backoff, so a transient fault
+            // costs a few seconds of the deadline, not the deadline.
             Err(e) => {
-                seg.uncompactable.store(true, Ordering::SeqCst);
+                if matches!(e, Error::Corruption { .. }) {
+                    seg.uncompactable.store(true, Ordering::SeqCst);
+                } else {
+                    let n = seg.compact_failures.fetch_add(1, Ordering::SeqCst) + 1;
+                    let d = inner.opts.max_shred_delay.as_millis() as u64;
+                    seg.compact_retry_at_ms
+                        .store(now + retry_backoff_ms(d, n), Ordering::SeqCst);
+                    inner.count_compaction_retry();
+                }
                 seg.compacting.store(false, Ordering::SeqCst);
                 first_err.get_or_insert(e);
             }
@@ -67,6 +78,18 @@ pub fn compact_due(inner: &Inner) -> Result<(usize, u64)> {
     }
 }
 
+/// How long a compaction that failed for the `n`-th time in a row waits before it is
+/// tried again: `max_shred_delay / 64`, doubling, at most `max_shred_delay / 8` (10 ms at
+/// least). Four failures in a row cost about a quarter of the deadline, which the due
+/// time (3/4 of it) leaves.
+pub fn retry_backoff_ms(max_shred_delay_ms: u64, n: u32) -> u64 {
+    let base = max_shred_delay_ms / 64;
+    let cap = max_shred_delay_ms / 8;
+    base.saturating_mul(1 << n.saturating_sub(1).min(20))
+        .min(cap)
+        .max(10)
+}
+
 /// When the next compaction falls due (ms since the epoch), for the compactor's sleep.
 pub fn next_due_ms(inner: &Inner, now: u64) -> Option<u64> {
     let d = inner.opts.max_shred_delay.as_millis() as u64;
@@ -74,9 +97,11 @@ pub fn next_due_ms(inner: &Inner, now: u64) -> Option<u64> {
         .segments
         .all()
         .iter()
-        .filter(|s| has_dead_and_live(s))
-        .filter_map(|s| s.first_death_ms(now).or_else(|| upcoming_expiry(s)))
-        .map(|death| death + due_after(d))
+        .filter(|s| has_dead_and_live(s) && !s.uncompactable.load(Ordering::SeqCst))
+        .filter_map(|s| {
+            let due = s.first_death_ms(now).or_else(|| upcoming_expiry(s))? + due_after(d);
+            Some(due.max(s.compact_retry_at_ms.load(Ordering::SeqCst)))
+        })
         .min()
 }
 
@@ -107,7 +132,10 @@ fn candidates(inner: &Inner, now: u64) -> Vec<Arc<Segment>> {
         .segments
         .all()
         .into_iter()
-        .filter(|s| !s.uncompactable.load(Ordering::SeqCst))
+        .filter(|s| {
+            !s.uncompactable.load(Ordering::SeqCst)
+                && s.compact_retry_at_ms.load(Ordering::SeqCst) <= now
+        })
         .filter(|s| {
             s.closed.load(Ordering::SeqCst) && !active.contains(&s.id) && has_dead_and_live(s)
         })
@@ -149,13 +177,41 @@ fn compact_one(inner: &Inner, seg: &Arc<Segment>, now: u64) -> Result<u64> {
     if let Err(e) = copy_out(inner, seg, live, now, &mut copies) {
         // The copies made so far are never switched to: count them dead so they are
         // shredded with their segment, not kept (or made again) forever.
+        let still_live = |c: &Copy| {
+            inner.index.get(&c.queue).is_some_and(|q| {
+                q.state
+                    .lock()
+                    .slot(c.id)
+                    .is_some_and(|s| s.seg == seg.id && u64::from(s.off) == c.from_off)
+            })
+        };
+        let mut dead = Vec::new();
         for c in &copies {
-            c.to.dec_live(1);
-            c.to.mark_acked(now);
+            if still_live(c) {
+                // A later ack of it protects the copy too (`Links::copies`).
+                c.to.dec_live(1);
+                c.to.mark_acked(now);
+            } else {
+                dead.push((c.id, c.to.id));
+            }
         }
+        let _ = ack_dead_copies(inner, dead);
         return Err(e);
     }
-    switch_over(inner, seg, copies, now)
+    switch_over(inner, seg, copies)
+}
+
+/// Writes ack records naming copies of messages that died while they were being
+/// copied. The message's own ack record may have been applied before the survivor was
+/// linked as a copy of the original, and then protects only the original; these keep
+/// the copies dead at every later recovery. Durable before the original (kept from
+/// shredding while compacting) can go. The ack counts each copy dead.
+fn ack_dead_copies(inner: &Inner, dead: Vec<(u64, u64)>) -> Result<()> {
+    if dead.is_empty() {
+        return Ok(());
+    }
+    let gen = inner.writer.push_acks(dead);
+    inner.writer.wait_acks_durable(gen)
 }
 
 /// Decrypts each live message and writes its copy; `copies` holds what was written.
@@ -177,6 +233,11 @@ fn copy_out(
         let r = inner
             .writer
             .reserve(bucket, u64::from(m.len), (m.expires_at_ms, now), false)?;
+        // Before the copy can be durable: from here on, an ack of any record of `seg`
+        // also protects the survivor (and the reverse), whatever becomes of the copy.
+        if r.seg.id != seg.id && seg.links.lock().copies.insert(r.seg.id) {
+            r.seg.links.lock().copies.insert(seg.id);
+        }
         let meta = MessageMeta {
             id: m.id,
             created_at_ms: m.created_at_ms,
@@ -201,7 +262,7 @@ fn copy_out(
 }
 
 /// Waits for the copies to be durable, then points the index at them.
-fn switch_over(inner: &Inner, seg: &Segment, copies: Vec<Copy>, now: u64) -> Result<u64> {
+fn switch_over(inner: &Inner, seg: &Segment, copies: Vec<Copy>) -> Result<u64> {
     // Copies durable before any pointer moves: a crash now leaves both copies, and
     // recovery keeps the newer one.
     let mut ends: HashMap<u64, (Arc<Segment>, u64)> = HashMap::new();
@@ -216,6 +277,7 @@ fn switch_over(inner: &Inner, seg: &Segment, copies: Vec<Copy>, now: u64) -> Res
     }
     let mut moved = 0;
     let mut bytes = 0;
+    let mut dead_copies = Vec::new();
     for c in copies {
         let swapped = inner.index.get(&c.queue).is_some_and(|q| {
             q.state
@@ -225,15 +287,14 @@ fn switch_over(inner: &Inner, seg: &Segment, copies: Vec<Copy>, now: u64) -> Res
         if swapped {
             moved += 1;
         } else {
-            // Acked or purged while being copied: the copy is dead on arrival (its ack
-            // record names the id, so recovery never revives it either).
-            c.to.dec_live(1);
-            c.to.mark_acked(now);
+            // Acked, purged or expired while being copied: the copy is dead on arrival.
+            dead_copies.push((c.id, c.to.id));
         }
         bytes += c.len;
     }
     seg.dec_live(moved);
     inner.bytes_copied.fetch_add(bytes, Ordering::SeqCst);
+    ack_dead_copies(inner, dead_copies)?;
     Ok(bytes)
 }
 
@@ -312,4 +373,19 @@ fn open_payload(seg: &Segment, m: &Live) -> Result<(Vec<u8>, Option<usize>)> {
         .padded
         .then(|| h.body_len as usize - crate::crypto::TAG_LEN);
     Ok((frame, padded_to))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_within_a_quarter_of_the_deadline() {
+        let d = 60_000;
+        let waits: Vec<u64> = (1..=6).map(|n| retry_backoff_ms(d, n)).collect();
+        assert_eq!(waits, [937, 1874, 3748, 7496, 7500, 7500]);
+        assert!(waits[..4].iter().sum::<u64>() <= d / 4);
+        assert_eq!(retry_backoff_ms(100, 1), 10);
+        assert_eq!(retry_backoff_ms(d, u32::MAX), d / 8);
+    }
 }

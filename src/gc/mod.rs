@@ -129,7 +129,12 @@ pub fn shred_dead(inner: &Inner, now: u64) -> Result<usize> {
     loop {
         let before = doomed.len();
         for s in &all {
-            if doomed.contains(&s.id) || active.contains(&s.id) || !s.closed.load(Ordering::SeqCst)
+            // A segment being compacted is not shredded under the compaction: its acks
+            // may still need to be extended to the copies (compact::switch_over).
+            if doomed.contains(&s.id)
+                || active.contains(&s.id)
+                || !s.closed.load(Ordering::SeqCst)
+                || s.compacting.load(Ordering::SeqCst)
             {
                 continue;
             }
@@ -148,16 +153,30 @@ pub fn shred_dead(inner: &Inner, now: u64) -> Result<usize> {
     // 1. Keys out of the keystore, durably. From here the records are unreadable.
     inner.keyring.shred(&ids)?;
     // 2. Files out of the directory, and the in-memory keys dropped (zeroized once the
-    //    last reader lets go).
+    //    last reader lets go). A file that cannot be unlinked holds only ciphertext under
+    //    a destroyed key; the next open deletes it (a file without a key).
+    let mut unlink_err = None;
     for id in &ids {
         if let Some(seg) = inner.segments.remove(*id) {
             seg.shredded.store(true, Ordering::SeqCst);
             if let Some(death) = seg.first_death_ms(now) {
                 inner.record_shred_latency(now.saturating_sub(death));
             }
-            for src in std::mem::take(&mut seg.links.lock().ack_sources) {
+            let (sources, copies) = {
+                let mut l = seg.links.lock();
+                (
+                    std::mem::take(&mut l.ack_sources),
+                    std::mem::take(&mut l.copies),
+                )
+            };
+            for src in sources {
                 if let Some(a) = inner.segments.get(src) {
                     a.links.lock().ack_targets.remove(id);
+                }
+            }
+            for c in copies {
+                if let Some(a) = inner.segments.get(c) {
+                    a.links.lock().copies.remove(id);
                 }
             }
             inner.writer.disk_used.fetch_sub(
@@ -165,11 +184,17 @@ pub fn shred_dead(inner: &Inner, now: u64) -> Result<usize> {
                     .min(inner.writer.disk_used.load(Ordering::SeqCst)),
                 Ordering::SeqCst,
             );
-            let _ = std::fs::remove_file(&seg.path);
+            if let Err(e) = seg.unlink() {
+                unlink_err.get_or_insert(e);
+            }
         }
     }
-    fsutil::sync_dir(&inner.dir)?;
+    // The keys are gone: these segments are shredded whatever happens to their files.
     inner.shreds.fetch_add(ids.len() as u64, Ordering::SeqCst);
+    fsutil::sync_dir(&*inner.opts.file_system, &inner.dir)?;
+    if let Some(e) = unlink_err {
+        return Err(e);
+    }
     Ok(ids.len())
 }
 

@@ -2,15 +2,16 @@
 //! open, appended to (and fsynced) before the keystore that vouches for the new records
 //! is written.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{CorruptionKind, Error, Result};
 use crate::format::audit::{self as fmt, AuditEvent, HEADER_LEN, RECORD_LEN};
 use crate::format::FormatError;
 use crate::fsutil;
 use crate::options::RecoveryMode;
+use crate::vfs::FileSystem;
 
 /// File name of the key audit log inside the data dir.
 pub const FILE_NAME: &str = "KEYS.audit";
@@ -21,6 +22,7 @@ pub type Event = (AuditEvent, u64, u64);
 /// The open key audit log.
 #[derive(Debug)]
 pub struct KeyAudit {
+    fs: Arc<dyn FileSystem>,
     path: PathBuf,
     file: File,
     records: u64,
@@ -46,12 +48,13 @@ impl KeyAudit {
     /// Opens (or creates) the log and checks it: every record chains, and the log
     /// reaches the keystore's anchor (`None`: the keystore predates the log).
     pub fn open(
+        fs: &Arc<dyn FileSystem>,
         dir: &Path,
         anchor: Option<(u64, [u8; 32])>,
         mode: RecoveryMode,
     ) -> Result<(Self, AuditOpen)> {
         let path = Self::path_in(dir);
-        let bytes = match std::fs::read(&path) {
+        let bytes = match fs.read(&path) {
             Ok(b) => Some(b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(Error::io("read key audit log", &path, e)),
@@ -73,7 +76,7 @@ impl KeyAudit {
                 ));
             }
             found.created = true;
-            return Ok((Self::create(path)?, found));
+            return Ok((Self::create(fs, path)?, found));
         };
         let log = match fmt::decode_log(&bytes) {
             Ok(l) => l,
@@ -104,9 +107,7 @@ impl KeyAudit {
                 ));
             }
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
+        let file = fs
             .open(&path)
             .map_err(|e| Error::io("open key audit log", &path, e))?;
         if log.torn_tail > 0 {
@@ -121,9 +122,13 @@ impl KeyAudit {
                     },
                 ));
             }
-            file.set_len(HEADER_LEN as u64 + records * RECORD_LEN as u64)
-                .and_then(|()| file.sync_all())
-                .map_err(|e| Error::io("cut torn key audit record", &path, e))?;
+            fs.set_len(
+                &file,
+                &path,
+                HEADER_LEN as u64 + records * RECORD_LEN as u64,
+            )
+            .and_then(|()| fs.sync_all(&file, &path))
+            .map_err(|e| Error::io("cut torn key audit record", &path, e))?;
             found.torn_tail_cut = log.torn_tail;
         }
         found.last_rotation_ms = log
@@ -136,6 +141,7 @@ impl KeyAudit {
         let head = log.head();
         Ok((
             KeyAudit {
+                fs: Arc::clone(fs),
                 path,
                 file,
                 records,
@@ -147,14 +153,13 @@ impl KeyAudit {
 
     /// A new, empty log, created whole by one rename: a crash never leaves a header-less
     /// log behind.
-    fn create(path: PathBuf) -> Result<Self> {
-        fsutil::replace_file(&path, &fmt::encode_header())?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
+    fn create(fs: &Arc<dyn FileSystem>, path: PathBuf) -> Result<Self> {
+        fsutil::replace_file(&**fs, &path, &fmt::encode_header())?;
+        let file = fs
             .open(&path)
             .map_err(|e| Error::io("open key audit log", &path, e))?;
         Ok(KeyAudit {
+            fs: Arc::clone(fs),
             path,
             file,
             records: 0,
@@ -183,13 +188,13 @@ impl KeyAudit {
         }
         let at = HEADER_LEN as u64 + self.records * RECORD_LEN as u64;
         if let Err(e) = self
-            .file
-            .write_all_at(&buf, at)
-            .and_then(|()| self.file.sync_data())
+            .fs
+            .write_at(&self.file, &self.path, &buf, at)
+            .and_then(|()| self.fs.sync_data(&self.file, &self.path))
         {
             // Leave no partial records behind for a later, shorter append to sit in
             // front of (best effort: recovery cuts an unvouched tail anyway).
-            let _ = self.file.set_len(at);
+            let _ = self.fs.set_len(&self.file, &self.path, at);
             return Err(Error::io("append to key audit log", &self.path, e));
         }
         self.records += events.len() as u64;

@@ -15,6 +15,7 @@ use crate::error::Result;
 use crate::format::audit::AuditEvent;
 use crate::options::Clock;
 use crate::segment::Segment;
+use crate::vfs::FileSystem;
 
 /// The keystore and the audit log of its changes, changed together.
 #[derive(Debug)]
@@ -27,6 +28,7 @@ struct KeyState {
 #[derive(Debug)]
 pub struct Keyring {
     dir: PathBuf,
+    fs: Arc<dyn FileSystem>,
     store: Mutex<KeyState>,
     /// Replaced by a master-key rotation (under the `store` lock).
     provider: RwLock<Arc<dyn KeyProvider>>,
@@ -36,7 +38,7 @@ pub struct Keyring {
 
 impl Keyring {
     pub fn new(
-        dir: &Path,
+        (dir, fs): (&Path, Arc<dyn FileSystem>),
         (ks, audit): (KeyStore, KeyAudit),
         provider: Arc<dyn KeyProvider>,
         next_id: Arc<AtomicU64>,
@@ -44,6 +46,7 @@ impl Keyring {
     ) -> Self {
         Keyring {
             dir: dir.to_path_buf(),
+            fs,
             store: Mutex::new(KeyState { ks, audit }),
             provider: RwLock::new(provider),
             next_id,
@@ -61,7 +64,7 @@ impl Keyring {
         ks.id_floor = ks.id_floor.max(self.next_id.load(Ordering::SeqCst));
         ks.time_floor_ms = ks.time_floor_ms.max(now);
         ks.audit_anchor = Some(st.audit.anchor());
-        ks.persist(&**self.provider.read())
+        ks.persist(&*self.fs, &**self.provider.read())
     }
 
     /// Creates a new segment: fresh random key, wrapped and persisted in the keystore
@@ -103,7 +106,7 @@ impl Keyring {
                 std::panic::resume_unwind(panic);
             }
         }
-        match Segment::create(&self.dir, id, &dek, kek, prealloc) {
+        match Segment::create(&self.fs, &self.dir, (id, kek), &dek, prealloc) {
             Ok(s) => Ok(s),
             Err(e) => {
                 // The key now has no file; drop it (best effort: recovery drops it too).
@@ -189,7 +192,9 @@ impl Keyring {
         if let Err(e) = self.persist(&mut st, &events) {
             // Whether the keystore on disk is now under the new key decides which state
             // is true: the rename may have happened before the error (a failed dir fsync).
-            let on_disk = std::fs::read(st.ks.path())
+            let on_disk = self
+                .fs
+                .read(st.ks.path())
                 .ok()
                 .and_then(|b| crate::format::keystore::KeystoreImage::decode(&b).ok())
                 .map(|img| img.kek_id);

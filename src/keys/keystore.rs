@@ -14,6 +14,7 @@ use crate::format::keystore::{
 };
 use crate::format::FORMAT_VERSION;
 use crate::fsutil;
+use crate::vfs::FileSystem;
 
 /// File name of the keystore inside the data dir.
 pub const FILE_NAME: &str = "KEYS";
@@ -64,9 +65,13 @@ impl KeyStore {
 
     /// Loads the keystore, or `None` if the file does not exist. Checks that `provider`
     /// holds the KEK the keystore was written with, and opens the sealed meta block.
-    pub fn load(dir: &Path, provider: &dyn KeyProvider) -> Result<Option<Self>> {
+    pub fn load(
+        fs: &dyn FileSystem,
+        dir: &Path,
+        provider: &dyn KeyProvider,
+    ) -> Result<Option<Self>> {
         let path = Self::path_in(dir);
-        let bytes = match std::fs::read(&path) {
+        let bytes = match fs.read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io("read keystore", &path, e)),
@@ -244,7 +249,7 @@ impl KeyStore {
 
     /// Writes the keystore crash-safely (temp file, fsync, rename, fsync dir) under a new
     /// generation number.
-    pub fn persist(&mut self, provider: &dyn KeyProvider) -> Result<()> {
+    pub fn persist(&mut self, fs: &dyn FileSystem, provider: &dyn KeyProvider) -> Result<()> {
         let generation = self.generation + 1;
         let meta_key = Dek::generate()?;
         let mut img = KeystoreImage {
@@ -265,7 +270,7 @@ impl KeyStore {
         let tag = SealKey::new(&meta_key).seal([0; 12], &img.meta_aad(), &mut plain);
         img.meta_sealed[..META_PLAIN_LEN].copy_from_slice(&plain);
         img.meta_sealed[META_PLAIN_LEN..].copy_from_slice(&tag);
-        fsutil::replace_file(&self.path, &img.encode())?;
+        fsutil::replace_file(fs, &self.path, &img.encode())?;
         self.generation = generation;
         Ok(())
     }

@@ -6,15 +6,14 @@ mod mmap;
 pub mod scan;
 mod table;
 
+pub(crate) use mmap::map_sealed;
 pub use table::SegmentTable;
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use memmap2::Mmap;
 use parking_lot::Mutex;
@@ -23,6 +22,7 @@ use crate::crypto::{Dek, SealKey};
 use crate::error::{Error, Result};
 use crate::format::segment_header::{SegmentHeader, HEADER_LEN};
 use crate::fsutil;
+use crate::vfs::FileSystem;
 
 /// File name of segment `id`.
 pub fn file_name(id: u64) -> String {
@@ -50,6 +50,10 @@ pub struct Links {
     pub ack_targets: HashSet<u64>,
     /// Segments holding ack records for messages in this segment.
     pub ack_sources: HashSet<u64>,
+    /// Segments that hold compaction copies of records of this one, or the originals of
+    /// copies in this one: both are durable copies of the same messages, so an ack
+    /// record for a message in one must also protect the other.
+    pub copies: HashSet<u64>,
 }
 
 /// A segment file with its key and counters.
@@ -57,6 +61,7 @@ pub struct Segment {
     pub id: u64,
     pub path: PathBuf,
     pub key: SealKey,
+    fs: Arc<dyn FileSystem>,
     file: File,
     map: OnceLock<Mmap>,
     /// End of the complete frames handed to the OS.
@@ -81,6 +86,10 @@ pub struct Segment {
     pub compacting: AtomicBool,
     /// A compaction failed on a record that does not open: not retried (reported).
     pub uncompactable: AtomicBool,
+    /// Compactions of it that failed for a reason that may pass (disk full, the key
+    /// provider, the writer's backlog) in a row, and when the next may start (clock ms).
+    pub compact_failures: std::sync::atomic::AtomicU32,
+    pub compact_retry_at_ms: AtomicU64,
     /// Never written again: sealed, or found at recovery.
     pub closed: AtomicBool,
     /// The segment holds ack records.
@@ -101,11 +110,18 @@ impl std::fmt::Debug for Segment {
 }
 
 impl Segment {
-    fn new(id: u64, path: PathBuf, dek: &Dek, file: File, len: u64) -> Self {
+    fn new(
+        fs: Arc<dyn FileSystem>,
+        (id, path): (u64, PathBuf),
+        dek: &Dek,
+        file: File,
+        len: u64,
+    ) -> Self {
         Segment {
             id,
             path,
             key: SealKey::new(dek),
+            fs,
             file,
             map: OnceLock::new(),
             written: AtomicU64::new(len),
@@ -119,6 +135,8 @@ impl Segment {
             last_ack_ms: AtomicU64::new(0),
             compacting: AtomicBool::new(false),
             uncompactable: AtomicBool::new(false),
+            compact_failures: std::sync::atomic::AtomicU32::new(0),
+            compact_retry_at_ms: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             has_acks: AtomicBool::new(false),
             shredded: AtomicBool::new(false),
@@ -130,32 +148,47 @@ impl Segment {
     /// `prealloc` bytes so that a full disk shows up here and not in the middle of a
     /// frame. The file is built under a temporary name and renamed into place once its
     /// header is durable, so a crash never leaves a segment file without a valid header.
-    pub fn create(dir: &Path, id: u64, dek: &Dek, kek_id: u64, prealloc: u64) -> Result<Self> {
+    pub fn create(
+        fs: &Arc<dyn FileSystem>,
+        dir: &Path,
+        (id, kek_id): (u64, u64),
+        dek: &Dek,
+        prealloc: u64,
+    ) -> Result<Self> {
         let path = dir.join(file_name(id));
         let tmp = fsutil::tmp_path(&path);
-        let _ = std::fs::remove_file(&tmp);
-        let file = fsutil::create_private_file(&tmp)?;
+        let file = fsutil::create_temp(&**fs, &tmp)?;
         let res = (|| {
-            preallocate(&file, prealloc).map_err(|e| Error::io("preallocate segment", &tmp, e))?;
+            fs.allocate(&file, &tmp, prealloc)
+                .map_err(|e| Error::io("preallocate segment", &tmp, e))?;
             let h = SegmentHeader {
                 version: crate::format::FORMAT_VERSION,
                 segment_id: id,
                 dek_id: id,
                 kek_id,
             };
-            file.write_all_at(&h.encode(), 0)
-                .and_then(|()| file.sync_all())
+            fs.write_at(&file, &tmp, &h.encode(), 0)
+                .and_then(|()| fs.sync_all(&file, &tmp))
                 .map_err(|e| Error::io("write segment header", &tmp, e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| Error::io("rename segment", &path, e))?;
-            fsutil::sync_dir(dir)
+            fs.rename(&tmp, &path)
+                .map_err(|e| Error::io("rename segment", &path, e))?;
+            fsutil::sync_dir(&**fs, dir)
         })();
         if let Err(e) = res {
             drop(file);
-            let _ = std::fs::remove_file(&tmp);
-            let _ = std::fs::remove_file(&path);
+            let _ = fs.remove_file(&tmp);
+            if path.exists() {
+                let _ = fs.remove_file(&path);
+            }
             return Err(e);
         }
-        Ok(Self::new(id, path, dek, file, HEADER_LEN as u64))
+        Ok(Self::new(
+            Arc::clone(fs),
+            (id, path),
+            dek,
+            file,
+            HEADER_LEN as u64,
+        ))
     }
 
     /// Writes zeros over the preallocated data area and makes them durable, so that the
@@ -170,45 +203,54 @@ impl Segment {
         let mut at = self.written.load(Ordering::SeqCst);
         while at < end {
             let n = (end - at).min(CHUNK as u64) as usize;
-            self.file.write_all_at(&zeros[..n], at).map_err(io)?;
+            self.fs
+                .write_at(&self.file, &self.path, &zeros[..n], at)
+                .map_err(io)?;
             at += n as u64;
         }
-        self.file.sync_data().map_err(io)
+        self.fs.sync_data(&self.file, &self.path).map_err(io)
     }
 
     /// Wraps an existing segment found at recovery. It is closed (never written again
     /// but for recovery's seal); recovery maps it once its length is final.
-    pub fn open_recovered(id: u64, path: PathBuf, dek: &Dek, file: File) -> Self {
-        let s = Self::new(id, path, dek, file, 0);
+    pub fn open_recovered(
+        fs: Arc<dyn FileSystem>,
+        (id, path): (u64, PathBuf),
+        dek: &Dek,
+        file: File,
+    ) -> Self {
+        let s = Self::new(fs, (id, path), dek, file, 0);
         s.closed.store(true, Ordering::SeqCst);
         s
     }
 
     /// Writes bytes at `offset` (writer thread only).
     pub fn write_at(&self, bytes: &[u8], offset: u64) -> Result<()> {
-        self.file
-            .write_all_at(bytes, offset)
+        self.fs
+            .write_at(&self.file, &self.path, bytes, offset)
             .map_err(|e| Error::io("write segment", &self.path, e))
     }
 
     /// fdatasync.
     pub fn sync(&self) -> Result<()> {
-        self.file
-            .sync_data()
+        self.fs
+            .sync_data(&self.file, &self.path)
             .map_err(|e| Error::io("fsync segment", &self.path, e))
     }
 
     /// Cuts the preallocated tail after sealing (writer thread only).
     pub fn truncate(&self, len: u64) -> Result<()> {
-        self.file
-            .set_len(len)
+        self.fs
+            .set_len(&self.file, &self.path, len)
             .map_err(|e| Error::io("truncate segment", &self.path, e))
     }
 
     /// Maps the (now immutable) segment for reads.
     pub fn map_for_reading(&self) -> Result<()> {
         if self.map.get().is_none() {
-            let m = mmap::map_sealed(&self.file)
+            let m = self
+                .fs
+                .map(&self.file, &self.path)
                 .map_err(|e| Error::io("mmap segment", &self.path, e))?;
             let _ = self.map.set(m);
         }
@@ -229,10 +271,20 @@ impl Segment {
             }
         }
         let mut buf = vec![0u8; len];
-        self.file
-            .read_exact_at(&mut buf, offset)
+        self.fs
+            .read_at(&self.file, &self.path, &mut buf, offset)
             .map_err(|e| Error::io("read segment", &self.path, e))?;
         Ok(buf)
+    }
+
+    /// Unlinks the file (its key is already gone from the keystore). Durable once the
+    /// directory is fsynced.
+    pub fn unlink(&self) -> Result<()> {
+        match self.fs.remove_file(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove shredded segment", &self.path, e)),
+        }
     }
 
     /// Counts a new message placed in this segment.
@@ -274,23 +326,6 @@ impl Segment {
     /// Bytes of the file that hold data (preallocated space not counted).
     pub fn data_len(&self) -> u64 {
         self.written.load(Ordering::SeqCst)
-    }
-}
-
-/// Reserves `len` bytes of disk for the file, so later writes cannot hit ENOSPC.
-fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    let len = libc::off_t::try_from(len)
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    #[expect(unsafe_code, reason = "posix_fallocate on an fd we own")]
-    // SAFETY: the fd is valid for the life of `file`; posix_fallocate reads no memory.
-    let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
-    match r {
-        // 0, or a filesystem without fallocate support: fall back to a sparse file.
-        0 | libc::EOPNOTSUPP | libc::ENOSYS => Ok(()),
-        e => Err(std::io::Error::from_raw_os_error(e)),
     }
 }
 

@@ -217,6 +217,39 @@ fn kind_of(e: FormatError) -> CorruptionKind {
     }
 }
 
+/// Sector size assumed for torn writes: a power cut lands or loses whole sectors of an
+/// unsynced write (engine-format.md, "Assumptions about the media").
+const SECTOR: usize = 512;
+
+/// Whether the bad frame at `pos` is damage to durable data rather than a torn tail: it
+/// was written whole (its declared extent lies inside the file and no sector's share of
+/// it is all zeros) and data follows it (a non-zero byte after its extent). Space a
+/// segment has not written yet reads as zeros (preallocated or zero-filled), so a write
+/// a crash cut short leaves a zero sector (or a frame running past the end), and nothing
+/// follows the last write but zeros; a whole frame that fails its checks with later
+/// frames after it was damaged after it was written (bit rot), and cutting there would
+/// drop durable frames. A header that does not decode is judged over its own length.
+pub fn damaged_mid_segment(bytes: &[u8], pos: usize) -> bool {
+    let rest = &bytes[pos.min(bytes.len())..];
+    let extent = match FrameHeader::decode(rest) {
+        Ok(h) => h.frame_len(),
+        Err(_) => crate::format::frame::FRAME_HEADER_LEN,
+    };
+    if extent == 0 || extent > rest.len() {
+        return false;
+    }
+    let end = pos + extent;
+    let mut s = pos;
+    while s < end {
+        let e = ((s / SECTOR + 1) * SECTOR).min(end);
+        if bytes[s..e].iter().all(|&b| b == 0) {
+            return false;
+        }
+        s = e;
+    }
+    bytes[end..].iter().any(|&b| b != 0)
+}
+
 /// Whether the file ends with a seal frame that authenticates under this key.
 pub fn ends_with_valid_seal(key: &SealKey, id: u64, bytes: &[u8]) -> bool {
     let seal_len = codec::SEAL_FRAME_LEN;

@@ -43,7 +43,7 @@ const ZERO_FILL_MAX_ROUND: u64 = 256 << 10;
 const ZERO_FILL_PAUSE: Duration = Duration::from_secs(10);
 /// After the disk or the quota refused a spare, the writer tries again this much later.
 const SPARE_RETRY: Duration = Duration::from_secs(1);
-/// Ack ids per ack frame, at most.
+/// Ack ids per ack frame, at most (and at most half a segment: see `acks_per_frame`).
 const ACKS_PER_FRAME: usize = 1 << 16;
 
 /// Settings the writer needs from `Options`.
@@ -139,6 +139,11 @@ pub struct Writer {
     moved: Condvar,
     acks: Mutex<AckBuf>,
     acks_done: AtomicU64,
+    /// The last ack batch the disk refused (no space for a new ack segment), plus one
+    /// (0 = none), and the file it names: its waiters get `DiskFull`; its ack ids stay
+    /// queued and are written once space frees.
+    acks_refused: AtomicU64,
+    acks_refused_path: Mutex<std::path::PathBuf>,
     failed: OnceLock<String>,
     /// Bytes of data in all live segments (preallocation not counted).
     pub disk_used: AtomicU64,
@@ -195,6 +200,8 @@ impl Writer {
             moved: Condvar::new(),
             acks: Mutex::new(AckBuf::default()),
             acks_done: AtomicU64::new(0),
+            acks_refused: AtomicU64::new(0),
+            acks_refused_path: Mutex::new(std::path::PathBuf::new()),
             failed: OnceLock::new(),
             disk_used: AtomicU64::new(used),
             on_dead: OnceLock::new(),
@@ -455,13 +462,13 @@ impl Writer {
         if self.cfg.durability == Durability::Async {
             return self.check_failed();
         }
-        self.wait_until(true, || seg.durable.load(Ordering::SeqCst) >= end)
+        self.wait_until(true, || Ok(seg.durable.load(Ordering::SeqCst) >= end))
     }
 
     /// Waits until everything up to `end` of `seg` is on stable storage, whatever the
     /// durability mode (compaction must not shred an original before its copy is durable).
     pub fn wait_durable_always(&self, seg: &Segment, end: u64) -> Result<()> {
-        self.wait_until(true, || seg.durable.load(Ordering::SeqCst) >= end)
+        self.wait_until(true, || Ok(seg.durable.load(Ordering::SeqCst) >= end))
     }
 
     /// Waits until `seg` holds complete frames up to `end` in the file (readers of
@@ -470,15 +477,17 @@ impl Writer {
         if seg.written.load(Ordering::SeqCst) >= end {
             return Ok(());
         }
-        self.wait_until(false, || seg.written.load(Ordering::SeqCst) >= end)
+        self.wait_until(false, || Ok(seg.written.load(Ordering::SeqCst) >= end))
     }
 
     fn now_ns(&self) -> u64 {
         (self.epoch.elapsed().as_nanos() as u64).max(1)
     }
 
-    fn wait_until(&self, durable: bool, done: impl Fn() -> bool) -> Result<()> {
-        if done() {
+    /// Waits until `done` says so (`Ok(true)`) or fails (`Err`), or the writer fails or
+    /// stops.
+    fn wait_until(&self, durable: bool, done: impl Fn() -> Result<bool>) -> Result<()> {
+        if done()? {
             return self.check_failed();
         }
         if !durable {
@@ -507,8 +516,10 @@ impl Writer {
             // Read the epoch before checking: a round that completes after the check bumps
             // it, and the wait returns at once.
             let epoch = self.durable_epoch.load(Ordering::SeqCst);
-            if done() {
-                break Ok(());
+            match done() {
+                Ok(true) => break Ok(()),
+                Ok(false) => {}
+                Err(e) => break Err(e),
             }
             if let Err(e) = self.check_failed() {
                 break Err(e);
@@ -534,10 +545,10 @@ impl Writer {
         &self,
         g: &mut MutexGuard<'_, T>,
         cv: &Condvar,
-        done: &impl Fn() -> bool,
+        done: &impl Fn() -> Result<bool>,
     ) -> Result<()> {
         loop {
-            if done() {
+            if done()? {
                 return Ok(());
             }
             self.check_failed()?;
@@ -558,7 +569,7 @@ impl Writer {
         b.entries.extend(entries);
         let wake = self.cfg.durability != Durability::Async
             || was_idle
-            || b.entries.len() >= ACKS_PER_FRAME;
+            || b.entries.len() >= self.acks_per_frame();
         let gen = b.gen;
         drop(b);
         if wake {
@@ -572,13 +583,35 @@ impl Writer {
         if self.cfg.durability == Durability::Async {
             return self.check_failed();
         }
-        self.wait_until(true, || self.acks_done.load(Ordering::SeqCst) > gen)
+        self.wait_until(true, || self.acks_written(gen))
     }
 
     /// Waits until the ack batch `gen` and every frame submitted before it are written
     /// and fsynced, whatever the durability mode.
     pub fn wait_acks_durable(&self, gen: u64) -> Result<()> {
-        self.wait_until(true, || self.acks_done.load(Ordering::SeqCst) > gen)
+        self.wait_until(true, || self.acks_written(gen))
+    }
+
+    /// Whether ack batch `gen` is durable; `DiskFull` if the disk refused it a segment
+    /// (its acks stay queued and are written once space frees, or lost at a crash).
+    fn acks_written(&self, gen: u64) -> Result<bool> {
+        if self.acks_done.load(Ordering::SeqCst) > gen {
+            return Ok(true);
+        }
+        if self.acks_refused.load(Ordering::SeqCst) > gen {
+            return Err(Error::DiskFull {
+                path: self.acks_refused_path.lock().clone(),
+            });
+        }
+        Ok(false)
+    }
+
+    /// Ack ids per frame: at most half of a segment's room, so that a fresh segment
+    /// always takes a frame (a frame longer than a segment would rotate forever).
+    fn acks_per_frame(&self) -> usize {
+        let overhead = (HEADER_LEN + SEAL_FRAME_LEN + codec::acks_frame_len(0)) as u64;
+        let room = self.cfg.segment_size.saturating_sub(overhead) / 8 / 2;
+        (room as usize).clamp(1, ACKS_PER_FRAME)
     }
 
     // ----- closing and shutdown -----
@@ -786,7 +819,21 @@ impl Writer {
             b.gen += 1;
             (gen, std::mem::take(&mut b.entries))
         };
-        let ack_frames = self.reserve_acks(&mut st, &ack_entries)?;
+        let acks_paused = self.acks_paused(&st);
+        let (ack_frames, refused) = if acks_paused && !ack_entries.is_empty() {
+            let e = Error::DiskFull {
+                path: self.acks_refused_path.lock().clone(),
+            };
+            (Vec::new(), Some((e, 0)))
+        } else {
+            self.reserve_acks(&mut st, &ack_entries)?
+        };
+        let mut ack_entries = ack_entries;
+        let refused = refused.is_some_and(|(e, consumed)| {
+            let rest = ack_entries.split_off(consumed);
+            self.refuse_acks(&mut st, ack_gen, &e, rest);
+            true
+        });
         if st.shutdown {
             self.close_all(&mut st);
         }
@@ -833,7 +880,7 @@ impl Writer {
         }
         self.seal_segments(to_seal, ws)?;
         self.apply_acks(&ack_entries, &ack_frames);
-        if !is_async || need_sync {
+        if (!is_async || need_sync) && !refused {
             self.acks_done.fetch_max(ack_gen + 1, Ordering::SeqCst);
         }
         self.finish_round(batch_waiters);
@@ -844,7 +891,8 @@ impl Writer {
     fn wait_for_work(&self, st: &mut MutexGuard<'_, State>, ws: &WriterLocal) {
         let is_async = self.cfg.durability == Durability::Async;
         loop {
-            let acks_waiting = !self.acks.lock().entries.is_empty();
+            // Acks the disk refused a segment for wait for the retry time.
+            let acks_waiting = !self.acks_paused(st) && !self.acks.lock().entries.is_empty();
             let closing_ready = st.actives.values().any(Active::ready_to_seal);
             let sync_due = is_async
                 && st.pending_bytes == 0
@@ -961,14 +1009,18 @@ impl Writer {
     }
 
     /// Reserves space for the ack frames in the active ack segment (rotating it when
-    /// full); the frames are sealed after the lock is dropped.
+    /// full); the frames are sealed after the lock is dropped. If the disk (or the quota)
+    /// refuses a new ack segment, returns the frames reserved so far, the refusal and how
+    /// many entries those frames hold: the rest stay queued (a refused rotation is not a
+    /// failed write; nothing is lost, the acks wait for space like appends do).
     fn reserve_acks(
         &self,
         st: &mut MutexGuard<'_, State>,
         entries: &[(u64, u64)],
-    ) -> Result<Vec<AckFrame>> {
+    ) -> Result<AckReservation> {
         let mut frames = Vec::new();
-        for chunk in entries.chunks(ACKS_PER_FRAME) {
+        let mut consumed = 0;
+        for chunk in entries.chunks(self.acks_per_frame()) {
             let len = codec::acks_frame_len(chunk.len()) as u64;
             let id = loop {
                 let fits = st
@@ -982,11 +1034,18 @@ impl Writer {
                     self.rotating_full.store(true, Ordering::Relaxed);
                     self.close_locked(st, old);
                 }
-                if let Some(seg) = self.take_spare(st)? {
-                    seg.has_acks.store(true, Ordering::SeqCst);
-                    st.ack_seg = Some(seg.id);
-                    let now = self.clock.now_ms();
-                    st.actives.insert(seg.id, Active::new(seg, None, now));
+                match self.take_spare(st) {
+                    Ok(Some(seg)) => {
+                        seg.has_acks.store(true, Ordering::SeqCst);
+                        st.ack_seg = Some(seg.id);
+                        let now = self.clock.now_ms();
+                        st.actives.insert(seg.id, Active::new(seg, None, now));
+                    }
+                    Ok(None) => {}
+                    Err(e @ (Error::DiskFull { .. } | Error::DiskQuotaExceeded { .. })) => {
+                        return Ok((frames, Some((e, consumed))));
+                    }
+                    Err(e) => return Err(e),
                 }
             };
             let a = st.actives.get_mut(&id).expect("ack segment is active");
@@ -995,8 +1054,38 @@ impl Writer {
             a.taken = a.tail;
             self.disk_used.fetch_add(len, Ordering::SeqCst);
             frames.push((Arc::clone(&a.seg), off, chunk.iter().map(|e| e.0).collect()));
+            consumed += chunk.len();
         }
-        Ok(frames)
+        Ok((frames, None))
+    }
+
+    /// Acks wait for the spare retry time after the disk refused them a segment (there
+    /// is no ack segment until one can be made).
+    fn acks_paused(&self, st: &State) -> bool {
+        self.acks_refused.load(Ordering::SeqCst) > 0
+            && st.ack_seg.is_none()
+            && st.spare_retry_at.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// The disk refused an ack segment: the entries not yet reserved go back to the
+    /// front of the ack buffer, batch `gen`'s waiters get `DiskFull`, and acks are not
+    /// tried again before the spare retry time.
+    fn refuse_acks(&self, st: &mut State, gen: u64, err: &Error, rest: Vec<(u64, u64)>) {
+        let path = match err {
+            Error::DiskFull { path } => path.clone(),
+            _ => std::path::PathBuf::new(),
+        };
+        *self.acks_refused_path.lock() = path;
+        {
+            let mut b = self.acks.lock();
+            let later = std::mem::replace(&mut b.entries, rest);
+            b.entries.extend(later);
+        }
+        self.acks_refused.fetch_max(gen + 1, Ordering::SeqCst);
+        let now = Instant::now();
+        if st.spare_retry_at.is_none_or(|t| t <= now) {
+            st.spare_retry_at = Some(now + SPARE_RETRY);
+        }
     }
 
     /// At shutdown: closes every active segment, and the spare (sealed empty).
@@ -1119,10 +1208,17 @@ impl Writer {
             let Some(t) = self.segments.get(target) else {
                 continue;
             };
-            for (src, _, _) in frames {
-                if src.id != t.id {
-                    src.links.lock().ack_targets.insert(t.id);
-                    t.links.lock().ack_sources.insert(src.id);
+            // The ack records protect the segment the message was found in and every
+            // segment holding a compaction copy of its records (contract 5).
+            let copies: Vec<u64> = t.links.lock().copies.iter().copied().collect();
+            let protected = std::iter::once(Arc::clone(&t))
+                .chain(copies.into_iter().filter_map(|c| self.segments.get(c)));
+            for p in protected {
+                for (src, _, _) in frames {
+                    if src.id != p.id {
+                        src.links.lock().ack_targets.insert(p.id);
+                        p.links.lock().ack_sources.insert(src.id);
+                    }
                 }
             }
             t.dec_live(n);
@@ -1161,6 +1257,8 @@ impl Writer {
 type Run = (Arc<Segment>, u64, Vec<Vec<u8>>);
 /// An ack frame to seal: (ack segment, offset, acked ids).
 type AckFrame = (Arc<Segment>, u64, Vec<u64>);
+/// Ack frames reserved, and a refusal with the number of entries those frames hold.
+type AckReservation = (Vec<AckFrame>, Option<(Error, usize)>);
 
 /// State only the writer thread touches.
 #[derive(Debug)]

@@ -6,6 +6,8 @@
 //! after each ack returned. The parent kills it at a random moment.
 #![allow(dead_code)]
 
+pub mod openable;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;

@@ -1,0 +1,87 @@
+//! Bounded deletion (contract 6) and background work (contract 11) under transient
+//! faults: a compaction that fails for a reason that passes (here the disk refusing the
+//! survivor segment) is retried, not given up until restart, so the dead records it was
+//! to free still meet `max_shred_delay`; `stats()` reports the retry and no overrun.
+//! Faults go through the I/O seam (`cinder::vfs::FaultFs`).
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cinder::vfs::{Fault, FaultFs, FaultKind, Op};
+use cinder::{Error, FileKeyProvider, ManualClock, MessageId, Options, Store};
+
+const TTL: Duration = Duration::from_secs(3600);
+const DEADLINE: Duration = Duration::from_secs(60);
+
+#[test]
+fn a_compaction_refused_a_segment_is_retried_and_the_deadline_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = Arc::new(FileKeyProvider::create(tmp.path().join("key")).unwrap());
+    let dir = tmp.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
+    let fs = Arc::new(FaultFs::new(&dir).unwrap());
+    let clock = ManualClock::new(1_770_000_000_000);
+    let mut o = Options::new(key.clone());
+    o.segment_size = 64 << 10;
+    o.max_message_size = 4096;
+    o.max_shred_delay = DEADLINE;
+    o.clock = clock.clone();
+    o.background_reaper = false;
+    o.zero_fill_segments = false;
+    o.file_system = fs.clone();
+    let store = Store::open(&dir, o).unwrap();
+    let body = [7u8; 1000];
+    // A full first segment (about 60 frames) and the start of a second.
+    let ids: Vec<MessageId> = (0..80)
+        .map(|_| store.append(b"q", &body, TTL).unwrap())
+        .collect();
+    // The first segment becomes mostly dead: all but three acked.
+    let keep = [ids[5], ids[30], ids[50]];
+    let acked: Vec<MessageId> = ids[..60]
+        .iter()
+        .copied()
+        .filter(|i| !keep.contains(i))
+        .collect();
+    store.ack_batch(b"q", &acked).unwrap();
+    // A writer round makes the spare segment for the next rotation; from then on the
+    // disk refuses new segments, and one more rotation uses up the spare.
+    store.flush().unwrap();
+    assert_eq!(
+        store.stats().segments,
+        4,
+        "two message segments, acks, a spare"
+    );
+    fs.inject(Fault::from_nth(Op::Allocate, 1, FaultKind::NoSpace));
+    for _ in 0..45 {
+        store.append(b"q", &body, TTL).unwrap();
+    }
+    // Acks settled: the compaction of the first segment is due, and needs a survivor
+    // segment the disk refuses.
+    clock.advance(Duration::from_secs(6));
+    let e = store.maintain().unwrap_err();
+    assert!(matches!(e, Error::DiskFull { .. }), "{e}");
+    assert!(store.stats().compaction_retries >= 1, "{:?}", store.stats());
+    assert_eq!(store.stats().uncompactable_segments, 0);
+    // The fault passes; the retry comes within the deadline, unprompted by a restart.
+    fs.clear_faults();
+    clock.advance(Duration::from_secs(3));
+    store.maintain().unwrap();
+    clock.advance(DEADLINE);
+    store.maintain().unwrap();
+    let openable: HashSet<u64> = common::openable::openable_messages(&dir, &[&*key])
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    for id in &acked {
+        assert!(
+            !openable.contains(&id.0),
+            "acked message {id} is still decryptable past the deadline"
+        );
+    }
+    let s = store.stats();
+    assert_eq!(s.shred_overrun_max, Duration::ZERO, "{s:?}");
+    assert_eq!(store.len(b"q").unwrap(), 3 + 20 + 45);
+}
