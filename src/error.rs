@@ -172,11 +172,12 @@ pub enum Error {
     #[error("invalid options: {0}")]
     InvalidOptions(String),
     /// A write or fsync failed earlier; the store stops accepting writes
-    /// (the page cache may have dropped data). Reopen the store to recover.
+    /// (the page cache may have dropped data). Reopen the store to recover; `cause` says
+    /// whether the device was full (free space first) or failed.
     #[error(
         "the store stopped accepting writes after an I/O failure ({reason}); reopen it to recover"
     )]
-    WriterFailed { reason: String },
+    WriterFailed { reason: String, cause: FailureCause },
     /// The store was closed.
     #[error("the store is closed")]
     Closed,
@@ -197,6 +198,30 @@ impl Error {
             file: file.into(),
             offset,
             kind,
+        }
+    }
+}
+
+/// What stopped a store from accepting writes ([`Error::WriterFailed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailureCause {
+    /// The device (or the user's quota) was full when a write had to land.
+    DiskFull,
+    /// A write or an fsync failed (EIO, ...): what it covered may be lost.
+    Io,
+    /// A bug or a panic inside cinder (never an I/O result).
+    Internal,
+}
+
+impl FailureCause {
+    /// The cause an error stands for when it stops the writer.
+    pub(crate) fn of(e: &Error) -> Self {
+        match e {
+            Error::DiskFull { .. } | Error::DiskQuotaExceeded { .. } => FailureCause::DiskFull,
+            Error::Io { .. } => FailureCause::Io,
+            Error::WriterFailed { cause, .. } => *cause,
+            _ => FailureCause::Internal,
         }
     }
 }

@@ -40,7 +40,7 @@ pub use audit::{
     inspect, key_audit_log, key_status, verify, Finding, InspectReport, KeyAuditLog, KeyStatus,
     KeystoreInfo, MasterKeyStatus, QueueSummary, SegmentInfo, VerifyReport,
 };
-pub use error::{CorruptionKind, Error, HsmFailure, Result};
+pub use error::{CorruptionKind, Error, FailureCause, HsmFailure, Result};
 pub use format::audit::{AuditEvent, AuditRecord};
 pub use format::padding::Padding;
 pub use keys::{

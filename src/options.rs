@@ -86,6 +86,37 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
     fn now_ms(&self) -> u64;
 }
 
+/// The engine's "now": the configured clock, shifted so that it never reads earlier than
+/// the time the data dir persisted last (`time_floor_ms`), and never backwards within a
+/// process. A clock that jumped forward, was persisted, and was set back does not freeze
+/// expiry until real time catches up: time goes on from the persisted floor at the
+/// clock's own pace (and messages expire after their TTL of that time).
+#[derive(Debug)]
+pub(crate) struct EngineClock {
+    raw: Arc<dyn Clock>,
+    offset_ms: u64,
+    last: AtomicU64,
+}
+
+impl EngineClock {
+    pub(crate) fn new(raw: Arc<dyn Clock>, floor_ms: u64) -> Self {
+        let now = raw.now_ms();
+        let offset_ms = floor_ms.saturating_sub(now);
+        EngineClock {
+            raw,
+            offset_ms,
+            last: AtomicU64::new(now + offset_ms),
+        }
+    }
+}
+
+impl Clock for EngineClock {
+    fn now_ms(&self) -> u64 {
+        let t = self.raw.now_ms().saturating_add(self.offset_ms);
+        self.last.fetch_max(t, Ordering::SeqCst).max(t)
+    }
+}
+
 /// The system clock.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;

@@ -114,7 +114,6 @@ pub(crate) struct Inner {
     pub dir: PathBuf,
     pub opts: Options,
     clock: Arc<dyn Clock>,
-    time_floor_ms: u64,
     pub index: Index,
     pub segments: Arc<SegmentTable>,
     pub keyring: Arc<Keyring>,
@@ -148,10 +147,9 @@ impl std::fmt::Debug for Inner {
 }
 
 impl Inner {
-    /// "Now" for expiry: the clock, never earlier than the time persisted at the last
-    /// keystore write before this open.
+    /// "Now" for expiry: the engine clock (see `options::EngineClock`).
     pub fn now_ms(&self) -> u64 {
-        self.clock.now_ms().max(self.time_floor_ms)
+        self.clock.now_ms()
     }
 
     /// Counts a compaction that failed for a reason that may pass (retried).
@@ -225,9 +223,11 @@ impl Store {
                 .map_err(|e| Error::io("disable core dumps", "", e))?;
         }
         let lock = DirLock::acquire(&dir)?;
-        let clock = Arc::clone(&opts.clock);
         let (mut rec, provider) = recover_with_keys(&dir, &opts)?;
-        let time_floor_ms = rec.keystore.time_floor_ms;
+        let clock: Arc<dyn Clock> = Arc::new(crate::options::EngineClock::new(
+            Arc::clone(&opts.clock),
+            rec.keystore.time_floor_ms,
+        ));
         let next_id = Arc::new(AtomicU64::new(rec.next_id));
         let last_rotation_ms = rec.last_rotation_ms.unwrap_or_else(|| clock.now_ms());
         let keyring = Arc::new(Keyring::new(
@@ -269,7 +269,6 @@ impl Store {
         let inner = Arc::new(Inner {
             dir,
             clock,
-            time_floor_ms,
             index,
             segments,
             keyring,
@@ -676,6 +675,9 @@ impl Store {
     ) -> Result<u64> {
         self.check_open()?;
         validate_queue(queue)?;
+        // A stopped store takes no acks: not even "no such message" (an ack that failed
+        // before took the message out of memory; it is back after a reopen).
+        self.inner.writer.check_failed()?;
         let Some(q) = self.inner.index.get(queue) else {
             return Ok(0);
         };

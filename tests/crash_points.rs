@@ -23,15 +23,14 @@
 
 mod common;
 
+use common::rig::Rig;
+
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cinder::vfs::{CrashImage, FaultFs};
-use cinder::{
-    Clock, Durability, Error, FileKeyProvider, KeyProvider, ManualClock, MessageId, Options, Store,
-};
+use cinder::{Clock, Durability, Error, MessageId, Store};
 
 const DEADLINE: Duration = Duration::from_secs(8);
 const QUEUES: [&[u8]; 3] = [b"alice", b"bob", b"carol"];
@@ -64,67 +63,6 @@ struct Ledger {
     rotation_started: bool,
 }
 
-struct Rig {
-    _tmp: tempfile::TempDir,
-    dir: PathBuf,
-    key1: Arc<FileKeyProvider>,
-    key2: Arc<FileKeyProvider>,
-    clock: Arc<ManualClock>,
-    mode: Durability,
-}
-
-const START_MS: u64 = 1_770_000_000_000;
-
-impl Rig {
-    fn new(mode: Durability) -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let key1 = Arc::new(FileKeyProvider::create(tmp.path().join("key1")).unwrap());
-        let key2 = Arc::new(FileKeyProvider::create(tmp.path().join("key2")).unwrap());
-        let dir = tmp.path().join("data");
-        std::fs::create_dir(&dir).unwrap();
-        Rig {
-            _tmp: tmp,
-            dir,
-            key1,
-            key2,
-            clock: ManualClock::new(START_MS),
-            mode,
-        }
-    }
-
-    fn options(&self, fs: Option<Arc<FaultFs>>, rotated: bool) -> Options {
-        let mut o = Options::new(if rotated {
-            self.key2.clone()
-        } else {
-            self.key1.clone()
-        });
-        if rotated {
-            o.previous_key_provider = Some(self.key1.clone());
-        }
-        o.segment_size = 64 << 10;
-        o.max_message_size = 4096;
-        o.max_shred_delay = DEADLINE;
-        o.durability = self.mode;
-        o.clock = self.clock.clone();
-        o.background_reaper = false;
-        o.zero_fill_segments = false;
-        if let Some(fs) = fs {
-            o.file_system = fs;
-        }
-        o
-    }
-
-    fn reset(&self) {
-        for e in std::fs::read_dir(&self.dir).unwrap() {
-            std::fs::remove_file(e.unwrap().path()).unwrap();
-        }
-        self.clock.set(START_MS);
-    }
-
-    fn keys(&self) -> [&dyn KeyProvider; 2] {
-        [&*self.key1, &*self.key2]
-    }
-}
 
 /// The reference workload. Stops at the first error (after a power cut every call fails).
 fn workload(rig: &Rig, fs: &Arc<FaultFs>, l: &mut Ledger) -> cinder::Result<()> {
@@ -341,7 +279,7 @@ fn every() -> u64 {
 }
 
 fn enumerate(mode: Durability) -> (u64, u64) {
-    let rig = Rig::new(mode);
+    let rig = Rig::new(mode, DEADLINE);
     // Dry run: count the I/O calls.
     let fs = Arc::new(FaultFs::new(&rig.dir).unwrap());
     let mut l = Ledger::default();

@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use zeroize::Zeroizing;
+
 use crate::error::{CorruptionKind, Error, Result};
 use crate::format::frame::{FrameHeader, MessageMeta};
 use crate::segment::codec::{self, Opened};
@@ -350,8 +352,9 @@ fn live_messages(inner: &Inner, seg: &Segment, now: u64) -> Result<Vec<Live>> {
 
 /// The payload of a live message, and its body's padded length if it is padded (the copy
 /// keeps the original's frame length, which its reservation was made for).
-fn open_payload(seg: &Segment, m: &Live) -> Result<(Vec<u8>, Option<usize>)> {
-    let mut frame = seg.read_at(m.off, m.len as usize)?;
+fn open_payload(seg: &Segment, m: &Live) -> Result<(Zeroizing<Vec<u8>>, Option<usize>)> {
+    // The frame is decrypted in place: wiped when dropped, whatever happens.
+    let mut frame = Zeroizing::new(seg.read_at(m.off, m.len as usize)?);
     let h = FrameHeader::decode(&frame).map_err(|e| e.into_error(&seg.path, m.off))?;
     match codec::open_frame(&seg.key, seg.id, m.off, h, &mut frame)
         .map_err(|e| e.into_error(&seg.path, m.off))?

@@ -177,6 +177,18 @@ pub fn open(b: &[u8], passphrase: &[u8]) -> Result<(Zeroizing<[u8; KEY_LEN]>, u6
 mod tests {
     use super::*;
 
+    /// Argon2's working memory (derived from the passphrase) is wiped only with its
+    /// `zeroize` feature: a build without it would leave it in freed heap.
+    #[test]
+    fn argon2_is_built_with_its_zeroize_feature() {
+        let manifest = include_str!("../../Cargo.toml");
+        let line = manifest
+            .lines()
+            .find(|l| l.starts_with("argon2 "))
+            .expect("argon2 is a dependency");
+        assert!(line.contains("\"zeroize\""), "{line}");
+    }
+
     const FAST: BackupParams = BackupParams {
         memory_kib: 8 << 10,
         passes: 1,

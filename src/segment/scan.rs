@@ -66,7 +66,9 @@ pub fn scan(bytes: &[u8], id: u64, key: Option<&SealKey>, open_bodies: bool) -> 
     let mut out = SegmentScan::default();
     let mut pos = HEADER_LEN.min(bytes.len());
     let mut crc = crc32fast::Hasher::new();
-    let mut scratch = Vec::new();
+    // Frames are opened in here: plaintext metadata (and bodies, for `verify`). Wiped
+    // before it grows and when the scan ends.
+    let mut scratch = zeroize::Zeroizing::new(Vec::new());
     while pos < bytes.len() {
         let (fh, flen) = match frame_at(bytes, pos) {
             Ok(f) => f,
@@ -80,6 +82,10 @@ pub fn scan(bytes: &[u8], id: u64, key: Option<&SealKey>, open_bodies: bool) -> 
         let content = match key {
             None => Content::Sealed(fh.kind),
             Some(key) => {
+                if scratch.capacity() < fbytes.len() {
+                    // Growing would leave the old buffer behind unwiped.
+                    scratch = zeroize::Zeroizing::new(Vec::with_capacity(fbytes.len()));
+                }
                 scratch.clear();
                 scratch.extend_from_slice(fbytes);
                 match open(key, id, pos as u64, fh, &mut scratch, open_bodies) {

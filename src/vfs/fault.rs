@@ -25,6 +25,8 @@ use parking_lot::Mutex;
 use super::{real, FileSystem, Op};
 
 const EIO: i32 = 5;
+/// The page-cache granularity of lost writes after a failed fsync.
+const PAGE: usize = 4096;
 const ENOSPC: i32 = 28;
 const EDQUOT: i32 = 122;
 
@@ -102,9 +104,10 @@ struct Armed {
 #[derive(Debug, Default)]
 struct FileSim {
     durable: Vec<u8>,
-    /// After a failed fsync: (content then, durable image then). The bytes that differed
-    /// are lost for good; later fsyncs keep the old bytes there unless rewritten since.
-    lost: Option<(Vec<u8>, Vec<u8>)>,
+    /// After a failed fsync: the pages that were dirty then (their writes are lost for
+    /// good: the kernel marked them clean), and the durable image then. A later fsync
+    /// keeps the old bytes of those pages unless a write touched them since.
+    lost: Option<(std::collections::BTreeSet<u64>, Vec<u8>)>,
 }
 
 #[derive(Debug, Default)]
@@ -119,6 +122,8 @@ struct Sim {
     faults: Vec<Armed>,
     crash_at: Option<u64>,
     crashed: bool,
+    /// The mutating call (by index) to fail once, and how.
+    fail_call: Option<(u64, FaultKind)>,
     injected: u64,
     recent: VecDeque<String>,
 }
@@ -220,7 +225,15 @@ impl FaultFs {
 
     /// Removes every fault not yet fired (a cut power stays cut).
     pub fn clear_faults(&self) {
-        self.sim.lock().faults.clear();
+        let mut s = self.sim.lock();
+        s.faults.clear();
+        s.fail_call = None;
+    }
+
+    /// Fails the `k`-th mutating call from the start (1-based), whatever its kind, once
+    /// with `kind` (a write is cut short if `kind` is a short write).
+    pub fn fail_call(&self, k: u64, kind: FaultKind) {
+        self.sim.lock().fail_call = Some((k, kind));
     }
 
     /// Cuts the power at the `k`-th mutating call from the start (1-based): that call and
@@ -306,6 +319,17 @@ impl FaultFs {
         *s.per_op.entry(op).or_default() += 1;
         let p = path.to_string_lossy();
         let mut verdict = Verdict::Go;
+        if let Some((k, kind)) = s.fail_call {
+            if op.mutates() && s.calls == k {
+                s.fail_call = None;
+                verdict = match kind {
+                    FaultKind::ShortWrite { keep } if op == Op::Write => {
+                        Verdict::Short(keep, kind.error())
+                    }
+                    k => Verdict::Fail(k.error()),
+                };
+            }
+        }
         for a in &mut s.faults {
             if a.fault.op != op || !p.contains(a.fault.path_contains.as_str()) {
                 continue;
@@ -386,11 +410,12 @@ impl FaultFs {
                 }
                 let mut sim = self.sim.lock();
                 let f = sim.files.entry(fid).or_default();
-                if let Some((then, old)) = &f.lost {
-                    for (i, b) in now.iter_mut().enumerate() {
-                        let was_lost = then.get(i).is_some_and(|t| old.get(i) != Some(t));
-                        if was_lost && then.get(i) == Some(b) {
-                            *b = old.get(i).copied().unwrap_or(0);
+                if let Some((pages, old)) = &f.lost {
+                    for &p in pages {
+                        let start = (p as usize * PAGE).min(now.len());
+                        let end = (start + PAGE).min(now.len());
+                        for (i, b) in now[start..end].iter_mut().enumerate() {
+                            *b = old.get(start + i).copied().unwrap_or(0);
                         }
                     }
                 }
@@ -398,9 +423,15 @@ impl FaultFs {
                 Ok(())
             }
             Verdict::Fail(e) | Verdict::Short(_, e) => {
-                if f.lost.is_none() {
-                    f.lost = Some((now, f.durable.clone()));
-                }
+                let dirty = (0..now.len().div_ceil(PAGE)).filter(|&p| {
+                    let r = p * PAGE..((p + 1) * PAGE).min(now.len());
+                    f.durable.get(r.clone()) != Some(&now[r])
+                });
+                let dirty: Vec<u64> = dirty.map(|p| p as u64).collect();
+                let lost = f
+                    .lost
+                    .get_or_insert_with(|| (std::collections::BTreeSet::new(), f.durable.clone()));
+                lost.0.extend(dirty);
                 Err(e)
             }
         }
@@ -444,6 +475,16 @@ impl FileSystem for FaultFs {
     }
 
     fn write_at(&self, file: &File, path: &Path, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.tracked(path) && !buf.is_empty() {
+            // Pages a write touches are dirty again: a later fsync writes them whole.
+            let mut sim = self.sim.lock();
+            let fid = Self::fid_of(&mut sim, file)?;
+            if let Some((pages, _)) = sim.files.get_mut(&fid).and_then(|f| f.lost.as_mut()) {
+                let first = offset / PAGE as u64;
+                let last = (offset + buf.len() as u64 - 1) / PAGE as u64;
+                pages.retain(|p| !(first..=last).contains(p));
+            }
+        }
         match self.before(Op::Write, path) {
             Verdict::Go => file.write_all_at(buf, offset),
             Verdict::Fail(e) => Err(e),
@@ -573,13 +614,19 @@ mod tests {
         fs.write_at(&f, &p, b"bbbb", 4).unwrap();
         fs.inject(Fault::nth(Op::Sync, 1, FaultKind::Io));
         assert_eq!(fs.sync_data(&f, &p).unwrap_err().raw_os_error(), Some(EIO));
-        // Linux: the retry "succeeds", the pages are clean, the bytes never reach disk.
+        // Linux: the retry "succeeds", the page is clean, the bytes never reach disk.
         fs.sync_data(&f, &p).unwrap();
         assert_eq!(fs.crash_image().files["a"], b"aaaa\0\0\0\0");
-        // Bytes written after the failure are durable again once fsynced.
-        fs.write_at(&f, &p, b"cc", 8).unwrap();
+        // A later write to another page does not bring it back.
+        fs.write_at(&f, &p, b"cc", 4096).unwrap();
         fs.sync_data(&f, &p).unwrap();
-        assert_eq!(fs.crash_image().files["a"], b"aaaa\0\0\0\0cc");
+        let img = &fs.crash_image().files["a"];
+        assert_eq!(&img[..8], b"aaaa\0\0\0\0");
+        assert_eq!(&img[4096..], b"cc");
+        // A write to the lost page dirties it again: the next fsync writes it whole.
+        fs.write_at(&f, &p, b"A", 0).unwrap();
+        fs.sync_data(&f, &p).unwrap();
+        assert_eq!(&fs.crash_image().files["a"][..8], b"Aaaabbbb");
     }
 
     #[test]

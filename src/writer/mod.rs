@@ -19,7 +19,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 pub use bucket::Bucket;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, FailureCause, Result};
 use crate::format::segment_header::HEADER_LEN;
 use crate::keys::keyring::Keyring;
 use crate::options::{Clock, Durability};
@@ -144,7 +144,7 @@ pub struct Writer {
     /// queued and are written once space frees.
     acks_refused: AtomicU64,
     acks_refused_path: Mutex<std::path::PathBuf>,
-    failed: OnceLock<String>,
+    failed: OnceLock<(String, FailureCause)>,
     /// Bytes of data in all live segments (preallocation not counted).
     pub disk_used: AtomicU64,
     /// Called with segment ids whose live count may have reached zero.
@@ -224,9 +224,13 @@ impl Writer {
         Ok(())
     }
 
-    fn check_failed(&self) -> Result<()> {
+    /// `WriterFailed` once the store stopped accepting writes.
+    pub fn check_failed(&self) -> Result<()> {
         match self.failed.get() {
-            Some(r) => Err(Error::WriterFailed { reason: r.clone() }),
+            Some((reason, cause)) => Err(Error::WriterFailed {
+                reason: reason.clone(),
+                cause: *cause,
+            }),
             None => Ok(()),
         }
     }
@@ -235,7 +239,7 @@ impl Writer {
     /// `WriterFailed`, and the writer thread stops writing and exits, whichever thread
     /// found the failure.
     fn fail(&self, e: &Error) {
-        let _ = self.failed.set(e.to_string());
+        let _ = self.failed.set((e.to_string(), FailureCause::of(e)));
         let _g = self.state.lock();
         self.wake_parked();
         self.moved.notify_all();
@@ -446,7 +450,10 @@ impl Writer {
         }
         if let Some(reason) = misfit {
             drop(st);
-            self.fail(&Error::WriterFailed { reason });
+            self.fail(&Error::WriterFailed {
+                reason,
+                cause: FailureCause::Internal,
+            });
             return;
         }
         let wake = self.cfg.durability != Durability::Async
@@ -733,7 +740,10 @@ impl Writer {
         impl Drop for Stopped<'_> {
             fn drop(&mut self) {
                 if std::thread::panicking() {
-                    let _ = self.0.failed.set("the writer thread panicked".into());
+                    let _ = self
+                        .0
+                        .failed
+                        .set(("the writer thread panicked".into(), FailureCause::Internal));
                 }
                 self.0.stopped.store(true, Ordering::SeqCst);
                 self.0.wake_parked();
@@ -981,6 +991,7 @@ impl Writer {
                     self.0.state.lock().prefilling = false;
                     self.0.fail(&Error::WriterFailed {
                         reason: "the spare-segment maker panicked".into(),
+                        cause: FailureCause::Internal,
                     });
                 }
             }

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod openable;
+pub mod rig;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
