@@ -259,7 +259,8 @@ impl Store {
                 segment_size: opts.segment_size,
                 async_sync_interval: opts.async_sync_interval,
                 max_disk_bytes: opts.max_disk_bytes,
-                max_active_age_ms: (opts.max_shred_delay.as_millis() as u64 / 4).max(1),
+                max_active_age_ms: gc::deadline::Deadline::new(opts.max_shred_delay)
+                    .active_age_ms(),
                 zero_fill: opts.zero_fill_segments && opts.durability != Durability::Async,
             },
             Arc::clone(&clock),

@@ -63,7 +63,6 @@ struct Ledger {
     rotation_started: bool,
 }
 
-
 /// The reference workload. Stops at the first error (after a power cut every call fails).
 fn workload(rig: &Rig, fs: &Arc<FaultFs>, l: &mut Ledger) -> cinder::Result<()> {
     let store = Store::open(&rig.dir, rig.options(Some(Arc::clone(fs)), false))?;

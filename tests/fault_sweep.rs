@@ -48,7 +48,6 @@ struct Ledger {
     rotation_started: bool,
 }
 
-
 /// Whether an error is of the kind the injected fault should produce.
 fn typed(e: &Error, kind: FaultKind) -> bool {
     match kind {

@@ -185,5 +185,53 @@ mod doc_consts {
             documented("BACKUP_LEN"),
             crate::keys::backup::BACKUP_LEN as u64
         );
+        assert_eq!(documented("KEY_LEN"), crate::crypto::KEY_LEN as u64);
+    }
+
+    #[test]
+    fn documented_versions_and_parts_match_code() {
+        assert_eq!(
+            documented("SEGMENT_VERSION_WRITTEN"),
+            u64::from(FORMAT_VERSION)
+        );
+        assert_eq!(
+            documented("SEGMENT_VERSION_MIN_READ"),
+            u64::from(MIN_READ_VERSION)
+        );
+        assert_eq!(documented("PART_META"), frame::Part::Meta as u64);
+        assert_eq!(documented("PART_BODY"), frame::Part::Body as u64);
+        assert_eq!(documented("PART_SEAL"), frame::Part::Seal as u64);
+        // The header the code writes carries the documented version.
+        let h = segment_header::SegmentHeader {
+            version: FORMAT_VERSION,
+            segment_id: 1,
+            dek_id: 1,
+            kek_id: 2,
+        };
+        assert_eq!(
+            u64::from(get_u32(&h.encode(), 8)),
+            documented("SEGMENT_VERSION_WRITTEN")
+        );
+    }
+
+    #[test]
+    fn documented_deadline_arithmetic_matches_code() {
+        use crate::gc::deadline as d;
+        for (name, v) in [
+            ("SHRED_ACTIVE_AGE_DIV", d::ACTIVE_AGE_DIV),
+            ("SHRED_DUE_NUM", d::DUE_NUM),
+            ("SHRED_DUE_DEN", d::DUE_DEN),
+            ("SHRED_SETTLE_DIV", d::SETTLE_DIV),
+            ("SHRED_SETTLE_MIN_MS", d::SETTLE_MIN_MS),
+            ("SHRED_SETTLE_MAX_MS", d::SETTLE_MAX_MS),
+            ("SHRED_TICK_DIV", d::TICK_DIV),
+            ("SHRED_TICK_MIN_MS", d::TICK_MIN_MS),
+            ("SHRED_TICK_MAX_MS", d::TICK_MAX_MS),
+            ("SHRED_RETRY_BASE_DIV", d::RETRY_BASE_DIV),
+            ("SHRED_RETRY_CAP_DIV", d::RETRY_CAP_DIV),
+            ("SHRED_BUCKET_WIDTH_DIV", d::BUCKET_WIDTH_DIV),
+        ] {
+            assert_eq!(documented(name), v, "{name}");
+        }
     }
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
+use super::deadline::Deadline;
 use crate::error::{CorruptionKind, Error, Result};
 use crate::format::frame::{FrameHeader, MessageMeta};
 use crate::segment::codec::{self, Opened};
@@ -23,13 +24,6 @@ use crate::writer::Bucket;
 
 /// Generation of compaction survivors (appends are generation 0).
 const SURVIVORS: u8 = 1;
-
-/// A closed segment is compacted once its first dead record is 3/4 of the way to its shred
-/// deadline: late enough that most of its neighbours (acked within seconds) are dead too
-/// and need no copy, early enough to leave a quarter of the deadline for copy + shred.
-fn due_after(max_shred_delay_ms: u64) -> u64 {
-    max_shred_delay_ms / 4 * 3
-}
 
 /// Compacts every segment that is due; returns (segments compacted, bytes copied).
 pub fn compact_due(inner: &Inner) -> Result<(usize, u64)> {
@@ -61,9 +55,8 @@ pub fn compact_due(inner: &Inner) -> Result<(usize, u64)> {
                     seg.uncompactable.store(true, Ordering::SeqCst);
                 } else {
                     let n = seg.compact_failures.fetch_add(1, Ordering::SeqCst) + 1;
-                    let d = inner.opts.max_shred_delay.as_millis() as u64;
-                    seg.compact_retry_at_ms
-                        .store(now + retry_backoff_ms(d, n), Ordering::SeqCst);
+                    let wait = Deadline::new(inner.opts.max_shred_delay).retry_backoff_ms(n);
+                    seg.compact_retry_at_ms.store(now + wait, Ordering::SeqCst);
                     inner.count_compaction_retry();
                 }
                 seg.compacting.store(false, Ordering::SeqCst);
@@ -80,28 +73,17 @@ pub fn compact_due(inner: &Inner) -> Result<(usize, u64)> {
     }
 }
 
-/// How long a compaction that failed for the `n`-th time in a row waits before it is
-/// tried again: `max_shred_delay / 64`, doubling, at most `max_shred_delay / 8` (10 ms at
-/// least). Four failures in a row cost about a quarter of the deadline, which the due
-/// time (3/4 of it) leaves.
-pub fn retry_backoff_ms(max_shred_delay_ms: u64, n: u32) -> u64 {
-    let base = max_shred_delay_ms / 64;
-    let cap = max_shred_delay_ms / 8;
-    base.saturating_mul(1 << n.saturating_sub(1).min(20))
-        .min(cap)
-        .max(10)
-}
-
 /// When the next compaction falls due (ms since the epoch), for the compactor's sleep.
 pub fn next_due_ms(inner: &Inner, now: u64) -> Option<u64> {
-    let d = inner.opts.max_shred_delay.as_millis() as u64;
+    let d = Deadline::new(inner.opts.max_shred_delay);
     inner
         .segments
         .all()
         .iter()
         .filter(|s| has_dead_and_live(s) && !s.uncompactable.load(Ordering::SeqCst))
         .filter_map(|s| {
-            let due = s.first_death_ms(now).or_else(|| upcoming_expiry(s))? + due_after(d);
+            let due =
+                s.first_death_ms(now).or_else(|| upcoming_expiry(s))? + d.compaction_due_after_ms();
             Some(due.max(s.compact_retry_at_ms.load(Ordering::SeqCst)))
         })
         .min()
@@ -117,18 +99,10 @@ fn has_dead_and_live(s: &Segment) -> bool {
     live > 0 && s.records.load(Ordering::SeqCst) > live
 }
 
-/// How long a mostly dead segment must have gone without acks before it is compacted for
-/// space. While recipients are still acking through it (a queue drained in order sweeps
-/// a segment from front to back), it is about to die whole, and copying its last live
-/// messages would be work thrown away a moment later. The deadline rule is not delayed.
-fn settle_ms(max_shred_delay_ms: u64) -> u64 {
-    (max_shred_delay_ms / 8).clamp(100, 5_000)
-}
-
 /// Closed segments holding both live and dead messages whose deadline is near (security)
 /// or that are mostly dead and no longer being acked through (space), oldest death first.
 fn candidates(inner: &Inner, now: u64) -> Vec<Arc<Segment>> {
-    let d = inner.opts.max_shred_delay.as_millis() as u64;
+    let d = Deadline::new(inner.opts.max_shred_delay);
     let active: std::collections::HashSet<u64> = inner.writer.active_ids().into_iter().collect();
     let mut v: Vec<(u64, Arc<Segment>)> = inner
         .segments
@@ -144,9 +118,9 @@ fn candidates(inner: &Inner, now: u64) -> Vec<Arc<Segment>> {
         .filter_map(|s| {
             let death = s.first_death_ms(now)?;
             let live = s.live.load(Ordering::SeqCst);
-            let settled = now.saturating_sub(s.last_ack_ms.load(Ordering::SeqCst)) >= settle_ms(d);
+            let settled = now.saturating_sub(s.last_ack_ms.load(Ordering::SeqCst)) >= d.settle_ms();
             let mostly_dead = live * 4 < s.records.load(Ordering::SeqCst) && settled;
-            (death + due_after(d) <= now || mostly_dead).then_some((death, s))
+            (death + d.compaction_due_after_ms() <= now || mostly_dead).then_some((death, s))
         })
         .collect();
     v.sort_by_key(|(death, s)| (*death, s.id));
@@ -376,19 +350,4 @@ fn open_payload(seg: &Segment, m: &Live) -> Result<(Zeroizing<Vec<u8>>, Option<u
         .padded
         .then(|| h.body_len as usize - crate::crypto::TAG_LEN);
     Ok((frame, padded_to))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retries_back_off_within_a_quarter_of_the_deadline() {
-        let d = 60_000;
-        let waits: Vec<u64> = (1..=6).map(|n| retry_backoff_ms(d, n)).collect();
-        assert_eq!(waits, [937, 1874, 3748, 7496, 7500, 7500]);
-        assert!(waits[..4].iter().sum::<u64>() <= d / 4);
-        assert_eq!(retry_backoff_ms(100, 1), 10);
-        assert_eq!(retry_backoff_ms(d, u32::MAX), d / 8);
-    }
 }

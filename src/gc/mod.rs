@@ -5,6 +5,7 @@
 //! their shred deadline so the reaper can shred them.
 
 pub mod compact;
+pub mod deadline;
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -52,8 +53,7 @@ impl ReaperSignal {
 
 /// The reaper thread's loop.
 pub fn run_reaper(inner: &Arc<Inner>) {
-    let tick =
-        (inner.opts.max_shred_delay / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let tick = deadline::Deadline::new(inner.opts.max_shred_delay).tick();
     let mut shard = 0usize;
     while inner.reaper.sleep(tick) {
         // Errors are kept for `stats()`; the next tick retries.
@@ -66,8 +66,7 @@ pub fn run_reaper(inner: &Arc<Inner>) {
 /// The compactor thread's loop: sleeps until the next segment falls due (or a tick, or a
 /// poke), then compacts what is due.
 pub fn run_compactor(inner: &Arc<Inner>) {
-    let tick =
-        (inner.opts.max_shred_delay / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let tick = deadline::Deadline::new(inner.opts.max_shred_delay).tick();
     loop {
         let now = inner.now_ms();
         let wait = compact::next_due_ms(inner, now).map_or(tick, |due| {

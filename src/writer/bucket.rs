@@ -28,8 +28,8 @@ impl Bucket {
         expires_at_ms: u64,
         max_shred_delay_ms: u64,
     ) -> Self {
-        let cap = (max_shred_delay_ms / 2)
-            .max(1)
+        let cap = crate::gc::deadline::Deadline { max_shred_delay_ms }
+            .bucket_width_cap_ms()
             .ilog2()
             .clamp(MIN_WIDTH_LOG2, MAX_WIDTH_LOG2);
         let log = (ttl_ms / 16).max(1).ilog2().clamp(MIN_WIDTH_LOG2, cap);
