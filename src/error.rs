@@ -193,6 +193,37 @@ impl Error {
         Error::Io { op, path, source }
     }
 
+    /// The same error again, for every caller a refusal must reach (`io::Error` is not
+    /// `Clone`: an I/O error keeps its kind, operation and path, and its message).
+    pub(crate) fn replicate(&self) -> Self {
+        match self {
+            Error::DiskFull { path } => Error::DiskFull { path: path.clone() },
+            Error::DiskQuotaExceeded {
+                used,
+                adding,
+                quota,
+            } => Error::DiskQuotaExceeded {
+                used: *used,
+                adding: *adding,
+                quota: *quota,
+            },
+            Error::Io { op, path, source } => Error::Io {
+                op,
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Hsm { kind, detail } => Error::Hsm {
+                kind: *kind,
+                detail: detail.clone(),
+            },
+            Error::KeyProvider(s) => Error::KeyProvider(s.clone()),
+            e => Error::WriterFailed {
+                reason: e.to_string(),
+                cause: FailureCause::of(e),
+            },
+        }
+    }
+
     pub(crate) fn corruption(file: impl Into<PathBuf>, offset: u64, kind: CorruptionKind) -> Self {
         Error::Corruption {
             file: file.into(),

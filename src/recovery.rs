@@ -226,6 +226,9 @@ pub fn recover(
         ..RecoveryReport::default()
     };
     let mut ks = load_keystore(&**fs, dir, provider, !listing.segments.is_empty())?;
+    // The engine's time: never before the time the store persisted last (a clock set
+    // back after a persisted forward jump; see `options::EngineClock`).
+    let now_ms = now_ms.max(ks.time_floor_ms);
     let (mut audit, found) = KeyAudit::open(fs, dir, ks.audit_anchor, mode)?;
     report.audit_torn_tail_cut = found.torn_tail_cut;
     report.audit_log_created = found.created;
@@ -299,12 +302,21 @@ fn rebuild(
         }
     }
     // A message copied by a compaction that a crash interrupted is in two segments: the
-    // copy (in the newer segment) wins.
-    let mut newest: HashMap<u64, u64> = HashMap::new();
+    // copy (in the newer segment) wins. A compaction retried after a failure can leave
+    // two copies in one survivor: the later one wins. Every segment holding a copy of a
+    // message is linked with the others (`Links::copies`): an ack protects them all.
+    let mut newest: HashMap<u64, (u64, u64)> = HashMap::new();
+    let mut holders: HashMap<u64, Vec<u64>> = HashMap::new();
     for s in &scanned {
         for m in &s.messages {
-            let e = newest.entry(m.id).or_insert(m.seg);
-            *e = (*e).max(m.seg);
+            let e = newest.entry(m.id).or_insert((m.seg, m.off));
+            if *e != (m.seg, m.off) {
+                let h = holders.entry(m.id).or_insert_with(|| vec![e.0]);
+                if !h.contains(&m.seg) {
+                    h.push(m.seg);
+                }
+            }
+            *e = (*e).max((m.seg, m.off));
         }
     }
     let death_floor_ms = now_ms.saturating_sub(max_shred_delay_ms);
@@ -332,7 +344,7 @@ fn rebuild(
                 }
                 // Acked before the last stop, at an unknown time: due for shredding now.
                 s.seg.mark_acked(death_floor_ms);
-            } else if newest.get(&m.id) != Some(&m.seg) {
+            } else if newest.get(&m.id) != Some(&(m.seg, m.off)) {
                 // An older copy of a message a compaction copied before a crash: the
                 // newer copy is the live one.
                 s.seg.mark_acked(death_floor_ms);
@@ -352,6 +364,14 @@ fn rebuild(
         if let (Some(a), Some(t)) = (by_id.get(&src), by_id.get(&target)) {
             a.links.lock().ack_targets.insert(t.id);
             t.links.lock().ack_sources.insert(a.id);
+        }
+    }
+    for segs in holders.values() {
+        for &a in segs {
+            if let Some(s) = by_id.get(&a) {
+                let mut l = s.links.lock();
+                l.copies.extend(segs.iter().copied().filter(|&b| b != a));
+            }
         }
     }
     messages.sort_unstable_by_key(|m| m.id);

@@ -695,6 +695,11 @@ impl Store {
         }
         self.inner.drop_expired(&expired);
         let n = acks.len() as u64;
+        if n == 0 {
+            // Nothing to remove, perhaps because an earlier ack whose record could not be
+            // written yet (no ack segment: disk full) took it: not a success until then.
+            self.inner.writer.check_acks_queued()?;
+        }
         if n > 0 {
             self.inner.index.messages.fetch_sub(n, Ordering::SeqCst);
             let gen = self.inner.writer.push_acks(acks);

@@ -104,6 +104,10 @@ fn disk_full_while_the_ack_segment_rotates_refuses_the_ack_and_the_store_keeps_s
     let (err, pending) = refused.expect("the ack segment needed a new segment");
     assert!(matches!(err, Error::DiskFull { .. }), "{err}");
     assert!(rig.fs.injected() > 0);
+    // The refused ack took its messages out of memory; retrying it must not report
+    // success (nothing left to remove) while its records are not written.
+    let again = store.ack_batch(b"q", &pending);
+    assert!(matches!(again, Err(Error::DiskFull { .. })), "{again:?}");
     // The store still serves: reads work, other acks are refused the same clear way.
     let rest = store.read(b"q", None, 10).unwrap();
     assert!(!rest.is_empty());
@@ -142,4 +146,34 @@ fn a_batch_of_acks_larger_than_a_segment_is_split_across_segments() {
     drop(store);
     let store = Store::open(&rig.dir, rig.options(false)).unwrap();
     assert_eq!(store.len(b"q").unwrap(), 0);
+}
+
+#[test]
+fn closing_while_acks_wait_for_space_says_so_and_the_acks_are_not_final() {
+    let rig = Rig::new();
+    let store = Store::open(&rig.dir, rig.options(true)).unwrap();
+    let ids = fill(&store, b"q", 20_000);
+    rig.fs
+        .inject(Fault::from_nth(Op::Allocate, 1, FaultKind::NoSpace));
+    let mut refused = None;
+    for chunk in ids.chunks(1000) {
+        if store.ack_batch(b"q", chunk).is_err() {
+            refused = Some(chunk.to_vec());
+            break;
+        }
+    }
+    let pending = refused.expect("an ack was refused");
+    // The disk is still full at close: the queued acks cannot be written.
+    let closed = store.close();
+    assert!(matches!(closed, Err(Error::DiskFull { .. })), "{closed:?}");
+    drop(store);
+    // As the error said: those messages are back after the reopen.
+    let store = Store::open(&rig.dir, rig.options(false)).unwrap();
+    let left: Vec<MessageId> = store
+        .read(b"q", None, 100_000)
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert!(pending.iter().all(|id| left.contains(id)));
 }

@@ -16,11 +16,12 @@ use cinder::{
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const PIN: &str = "4321-user-pin";
-const TOKENS: [&str; 4] = [
+const TOKENS: [&str; 5] = [
     "cinder-roundtrip",
     "cinder-epochs",
     "cinder-errors",
     "cinder-reconnect",
+    "cinder-policy",
 ];
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -143,6 +144,48 @@ fn a_store_on_the_hsm_provider_round_trips_and_reopens_with_a_new_session() {
     let st = cinder::key_status(&data).unwrap();
     assert_eq!(st.master_keys[0].provider, "pkcs11");
     assert_eq!(st.epochs, vec![1_000]);
+}
+
+#[test]
+fn epoch_keys_cannot_be_copied_or_changed_and_a_second_login_checks_its_pin() {
+    let Some(h) = hsm() else { return };
+    let _g = serial();
+    let clock = ManualClock::new(2_000 * 3600 * 1000);
+    let tmp = tempfile::tempdir().unwrap();
+    let p = provider(h, TOKENS[4], &clock);
+    let s = Store::open(tmp.path().join("data"), opts(&p, &clock)).unwrap();
+    s.append(b"q", b"x", HOUR).unwrap();
+    let epoch = p.epochs().unwrap()[0];
+    // (sensitive, extractable, copyable, modifiable)
+    assert_eq!(
+        p.epoch_key_policy(epoch).unwrap(),
+        Some((true, false, false, false))
+    );
+    // While this process is logged in to the token, the token does not check a second
+    // login's PIN: the provider must, or a wrong PIN goes unnoticed until a restart.
+    let bad = h.pin_file.with_file_name("bad-pin-2");
+    std::fs::write(&bad, "not-the-pin-either").unwrap();
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = Pkcs11KeyProvider::open(Pkcs11Config::new(MODULE, TOKENS[4], PinSource::File(bad)))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Hsm {
+                kind: HsmFailure::WrongPin,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // The right PIN still opens a second provider alongside.
+    let again = Pkcs11KeyProvider::open(Pkcs11Config::new(
+        MODULE,
+        TOKENS[4],
+        PinSource::File(h.pin_file.clone()),
+    ));
+    assert!(again.is_ok(), "{again:?}");
+    drop(s);
 }
 
 #[test]

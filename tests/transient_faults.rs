@@ -85,3 +85,84 @@ fn a_compaction_refused_a_segment_is_retried_and_the_deadline_holds() {
     assert_eq!(s.shred_overrun_max, Duration::ZERO, "{s:?}");
     assert_eq!(store.len(b"q").unwrap(), 3 + 20 + 45);
 }
+
+/// A compaction that fails part way leaves copies it will not switch to in one survivor;
+/// its retry copies the same messages into another. When those messages are acked later,
+/// the ack must protect every survivor holding a copy (the copy links are transitive),
+/// or the ack segment is shredded with the second survivor while the first still holds a
+/// durable copy, and the messages come back after a reopen.
+#[test]
+fn acks_protect_every_copy_a_retried_compaction_left_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = Arc::new(FileKeyProvider::create(tmp.path().join("key")).unwrap());
+    let dir = tmp.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
+    let fs = Arc::new(FaultFs::new(&dir).unwrap());
+    let clock = ManualClock::new(1_770_000_000_000);
+    let opts = |fs: Option<Arc<FaultFs>>| {
+        let mut o = Options::new(key.clone());
+        o.segment_size = 64 << 10;
+        o.max_message_size = 4096;
+        o.max_shred_delay = DEADLINE;
+        o.clock = clock.clone();
+        o.background_reaper = false;
+        o.zero_fill_segments = false;
+        if let Some(fs) = fs {
+            o.file_system = fs;
+        }
+        o
+    };
+    let store = Store::open(&dir, opts(Some(fs.clone()))).unwrap();
+    // First segment: 60 frames of ~1 KB, two acked: its 58 survivors nearly fill one
+    // survivor segment.
+    let first: Vec<MessageId> = (0..60)
+        .map(|_| store.append(b"q", &[1u8; 1000], TTL).unwrap())
+        .collect();
+    store.ack_batch(b"q", &first[..2]).unwrap();
+    // Second segment: four small messages, a large one, then fillers, all acked.
+    let mut late: Vec<MessageId> = (0..4)
+        .map(|_| store.append(b"q", &[2u8; 200], TTL).unwrap())
+        .collect();
+    late.push(store.append(b"q", &[3u8; 3500], TTL).unwrap());
+    let fillers: Vec<MessageId> = (0..58)
+        .map(|_| store.append(b"q", &[4u8; 1000], TTL).unwrap())
+        .collect();
+    store.ack_batch(b"q", &fillers).unwrap();
+    store.flush().unwrap();
+    // No new segment from here: the first compaction takes the spare for its survivor,
+    // the second copies the small messages there too and needs a new segment for the
+    // large one, which the disk refuses.
+    fs.inject(Fault::from_nth(Op::Allocate, 1, FaultKind::NoSpace));
+    clock.advance(Duration::from_secs(46));
+    let e = store.maintain().unwrap_err();
+    assert!(matches!(e, Error::DiskFull { .. }), "{e}");
+    fs.clear_faults();
+    // The retry copies the late messages into a second survivor.
+    clock.advance(Duration::from_secs(2));
+    store.maintain().unwrap();
+    // They are all acked: the second survivor dies whole and is shredded, and so is any
+    // ack segment that protects nothing else.
+    assert_eq!(store.ack_batch(b"q", &late).unwrap(), late.len() as u64);
+    // Past the age at which the second survivor and the ack segment are closed (D/4),
+    // short of the compaction deadline of the first survivor, whose dead copies of the
+    // late messages are still on disk.
+    clock.advance(Duration::from_secs(20));
+    store.maintain().unwrap();
+    store.maintain().unwrap();
+    let ids = |s: &Store| -> Vec<MessageId> {
+        s.read(b"q", None, 1000)
+            .unwrap()
+            .iter()
+            .map(|m| m.id)
+            .collect()
+    };
+    assert_eq!(ids(&store), first[2..]);
+    store.close().unwrap();
+    drop(store);
+    let store = Store::open(&dir, opts(None)).unwrap();
+    assert_eq!(
+        ids(&store),
+        first[2..],
+        "acked messages came back after a reopen"
+    );
+}

@@ -153,41 +153,56 @@ fn compact_one(inner: &Inner, seg: &Arc<Segment>, now: u64) -> Result<u64> {
     if let Err(e) = copy_out(inner, seg, live, now, &mut copies) {
         // The copies made so far are never switched to: count them dead so they are
         // shredded with their segment, not kept (or made again) forever.
-        let still_live = |c: &Copy| {
-            inner.index.get(&c.queue).is_some_and(|q| {
+        for c in &copies {
+            let still_live = inner.index.get(&c.queue).is_some_and(|q| {
                 q.state
                     .lock()
                     .slot(c.id)
                     .is_some_and(|s| s.seg == seg.id && u64::from(s.off) == c.from_off)
-            })
-        };
-        let mut dead = Vec::new();
-        for c in &copies {
-            if still_live(c) {
-                // A later ack of it protects the copy too (`Links::copies`).
-                c.to.dec_live(1);
-                c.to.mark_acked(now);
-            } else {
-                dead.push((c.id, c.to.id));
-            }
+            });
+            // A later ack of a message still live protects the copy too (the copy link);
+            // one that died meanwhile may have been acked before the link existed.
+            abandon(inner, seg, c, now, still_live);
         }
-        let _ = ack_dead_copies(inner, dead);
         return Err(e);
     }
-    switch_over(inner, seg, copies)
+    switch_over(inner, seg, copies, now)
 }
 
-/// Writes ack records naming copies of messages that died while they were being
-/// copied. The message's own ack record may have been applied before the survivor was
-/// linked as a copy of the original, and then protects only the original; these keep
-/// the copies dead at every later recovery. Durable before the original (kept from
-/// shredding while compacting) can go. The ack counts each copy dead.
-fn ack_dead_copies(inner: &Inner, dead: Vec<(u64, u64)>) -> Result<()> {
-    if dead.is_empty() {
-        return Ok(());
+/// Counts a copy that will never be switched to dead. If its message died while it was
+/// being copied, the message's ack record may have been applied before the survivor
+/// was linked as a copy of `seg`, so it protects only `seg`: every ack segment that
+/// protects `seg` now protects the survivor too (in memory, nothing to write, nothing to
+/// fail), until the survivor is shredded. Recovery links every copy of an acked id to
+/// its ack segment by itself.
+fn abandon(inner: &Inner, seg: &Segment, c: &Copy, now: u64, message_live: bool) {
+    c.to.dec_live(1);
+    c.to.mark_acked(now);
+    if message_live {
+        return;
     }
-    let gen = inner.writer.push_acks(dead);
-    inner.writer.wait_acks_durable(gen)
+    let sources: Vec<u64> = seg.links.lock().ack_sources.iter().copied().collect();
+    for a in sources.into_iter().filter(|&a| a != c.to.id) {
+        if let Some(a) = inner.segments.get(a) {
+            a.links.lock().ack_targets.insert(c.to.id);
+            c.to.links.lock().ack_sources.insert(a.id);
+        }
+    }
+}
+
+/// Links `a` and `b` as holding copies of the same messages, and each with every segment
+/// either is linked with already (a retried compaction can leave copies in several
+/// survivors): an ack applied to any segment of the group protects all of it.
+fn link_copies(inner: &Inner, a: &Segment, b: &Segment) {
+    let mut group: std::collections::HashSet<u64> = [a.id, b.id].into();
+    group.extend(a.links.lock().copies.iter().copied());
+    group.extend(b.links.lock().copies.iter().copied());
+    for &id in &group {
+        if let Some(s) = inner.segments.get(id) {
+            let mut l = s.links.lock();
+            l.copies.extend(group.iter().copied().filter(|&o| o != id));
+        }
+    }
 }
 
 /// Decrypts each live message and writes its copy; `copies` holds what was written.
@@ -211,8 +226,8 @@ fn copy_out(
             .reserve(bucket, u64::from(m.len), (m.expires_at_ms, now), false)?;
         // Before the copy can be durable: from here on, an ack of any record of `seg`
         // also protects the survivor (and the reverse), whatever becomes of the copy.
-        if r.seg.id != seg.id && seg.links.lock().copies.insert(r.seg.id) {
-            r.seg.links.lock().copies.insert(seg.id);
+        if r.seg.id != seg.id && !seg.links.lock().copies.contains(&r.seg.id) {
+            link_copies(inner, seg, &r.seg);
         }
         let meta = MessageMeta {
             id: m.id,
@@ -238,7 +253,7 @@ fn copy_out(
 }
 
 /// Waits for the copies to be durable, then points the index at them.
-fn switch_over(inner: &Inner, seg: &Segment, copies: Vec<Copy>) -> Result<u64> {
+fn switch_over(inner: &Inner, seg: &Segment, copies: Vec<Copy>, now: u64) -> Result<u64> {
     // Copies durable before any pointer moves: a crash now leaves both copies, and
     // recovery keeps the newer one.
     let mut ends: HashMap<u64, (Arc<Segment>, u64)> = HashMap::new();
@@ -253,7 +268,6 @@ fn switch_over(inner: &Inner, seg: &Segment, copies: Vec<Copy>) -> Result<u64> {
     }
     let mut moved = 0;
     let mut bytes = 0;
-    let mut dead_copies = Vec::new();
     for c in copies {
         let swapped = inner.index.get(&c.queue).is_some_and(|q| {
             q.state
@@ -264,13 +278,12 @@ fn switch_over(inner: &Inner, seg: &Segment, copies: Vec<Copy>) -> Result<u64> {
             moved += 1;
         } else {
             // Acked, purged or expired while being copied: the copy is dead on arrival.
-            dead_copies.push((c.id, c.to.id));
+            abandon(inner, seg, &c, now, false);
         }
         bytes += c.len;
     }
     seg.dec_live(moved);
     inner.bytes_copied.fetch_add(bytes, Ordering::SeqCst);
-    ack_dead_copies(inner, dead_copies)?;
     Ok(bytes)
 }
 

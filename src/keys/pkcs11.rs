@@ -78,6 +78,10 @@ impl Pkcs11Config {
     }
 }
 
+/// Keyed hashes of the PINs this process logged in with, by token label (see `login`).
+static LOGINS: Mutex<std::collections::BTreeMap<String, [u8; 32]>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
 /// Wrapped key layout: version (1) ‖ epoch (8) ‖ GCM IV (12) ‖ ciphertext (32) ‖ tag (16).
 const WRAP_VERSION: u8 = 1;
 const IV_LEN: usize = 12;
@@ -95,6 +99,7 @@ pub struct Pkcs11KeyProvider {
     ctx: Pkcs11,
     slot: Slot,
     pin: AuthPin,
+    pin_check: [u8; 32],
     conn: Mutex<Conn>,
     id: u64,
 }
@@ -138,7 +143,8 @@ fn ck(e: &CkError) -> Error {
     hsm(kind, e)
 }
 
-fn read_pin(src: &PinSource) -> Result<AuthPin> {
+/// The PIN, and a keyed hash of it to compare logins with (see `login`).
+fn read_pin(src: &PinSource) -> Result<(AuthPin, [u8; 32])> {
     let s = match src {
         PinSource::Env(v) => std::env::var(v)
             .map_err(|_| hsm(HsmFailure::WrongPin, format!("PIN variable {v} is not set")))?,
@@ -148,7 +154,8 @@ fn read_pin(src: &PinSource) -> Result<AuthPin> {
                 .map_err(|_| hsm(HsmFailure::WrongPin, "the PIN file is not UTF-8"))?
         }
     };
-    Ok(AuthPin::new(s.into()))
+    let check = blake3::derive_key("cinder v1 pkcs11 pin check", s.as_bytes());
+    Ok((AuthPin::new(s.into()), check))
 }
 
 impl Pkcs11KeyProvider {
@@ -177,8 +184,8 @@ impl Pkcs11KeyProvider {
                 format!("no token labelled {:?}", cfg.token_label),
             )
         })?;
-        let pin = read_pin(&cfg.pin)?;
-        let session = Self::login(&ctx, slot, &pin)?;
+        let (pin, pin_check) = read_pin(&cfg.pin)?;
+        let session = Self::login(&ctx, slot, (&pin, pin_check))?;
         let id = {
             let h = blake3::Hasher::new_derive_key("cinder v1 pkcs11 kek id")
                 .update(cfg.token_label.as_bytes())
@@ -192,6 +199,7 @@ impl Pkcs11KeyProvider {
             ctx,
             slot,
             pin,
+            pin_check,
             conn: Mutex::new(Conn {
                 session,
                 keys: HashMap::new(),
@@ -200,10 +208,31 @@ impl Pkcs11KeyProvider {
         })
     }
 
-    fn login(ctx: &Pkcs11, slot: Slot, pin: &AuthPin) -> Result<Session> {
+    /// Opens a session and logs in. The login state is per process and token: if this
+    /// process is logged in already, the token does not check the PIN again
+    /// (`CKR_USER_ALREADY_LOGGED_IN`), so the PIN is compared with the one that logged
+    /// in (kept as a keyed hash): a wrong PIN is refused now, not at the next restart.
+    /// A login made by other code in the process, outside cinder, cannot be checked.
+    fn login(ctx: &Pkcs11, slot: Slot, (pin, check): (&AuthPin, [u8; 32])) -> Result<Session> {
         let session = ctx.open_rw_session(slot).map_err(|e| ck(&e))?;
+        let label = ctx
+            .get_token_info(slot)
+            .map_err(|e| ck(&e))?
+            .label()
+            .to_string();
+        let mut logins = LOGINS.lock();
         match session.login(UserType::User, Some(pin)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            Ok(()) => {
+                logins.insert(label, check);
+                Ok(session)
+            }
+            Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => match logins.get(&label) {
+                Some(known) if *known != check => Err(hsm(
+                    HsmFailure::WrongPin,
+                    "the token is logged in by this process with another PIN",
+                )),
+                _ => Ok(session),
+            },
             Err(e) => Err(ck(&e)),
         }
     }
@@ -216,7 +245,7 @@ impl Pkcs11KeyProvider {
                 kind: HsmFailure::SessionLost,
                 ..
             }) => {
-                c.session = Self::login(&self.ctx, self.slot, &self.pin)?;
+                c.session = Self::login(&self.ctx, self.slot, (&self.pin, self.pin_check))?;
                 c.keys.clear();
                 f(&mut c)
             }
@@ -268,6 +297,10 @@ impl Pkcs11KeyProvider {
                         Attribute::Private(true),
                         Attribute::Sensitive(true),
                         Attribute::Extractable(false),
+                        // No copy of it can be made (a copy would outlive its
+                        // destruction) and its policy cannot be changed later.
+                        Attribute::Copyable(false),
+                        Attribute::Modifiable(false),
                         Attribute::Encrypt(true),
                         Attribute::Decrypt(true),
                         Attribute::ValueLen(32.into()),
@@ -285,6 +318,39 @@ impl Pkcs11KeyProvider {
     /// login, as after a token reset); the provider logs back in on its next call.
     pub fn logout(&self) -> Result<()> {
         self.conn.lock().session.logout().map_err(|e| ck(&e))
+    }
+
+    /// The protection attributes of an epoch key in the token (for audits):
+    /// `(sensitive, extractable, copyable, modifiable)`; `None` if it does not exist.
+    pub fn epoch_key_policy(&self, epoch: u64) -> Result<Option<(bool, bool, bool, bool)>> {
+        self.with_session(|c| {
+            let Some(h) = self.epoch_key(c, epoch, false)? else {
+                return Ok(None);
+            };
+            let attrs = c
+                .session
+                .get_attributes(
+                    h,
+                    &[
+                        AttributeType::Sensitive,
+                        AttributeType::Extractable,
+                        AttributeType::Copyable,
+                        AttributeType::Modifiable,
+                    ],
+                )
+                .map_err(|e| ck(&e))?;
+            let mut p = (false, true, true, true);
+            for a in attrs {
+                match a {
+                    Attribute::Sensitive(v) => p.0 = v,
+                    Attribute::Extractable(v) => p.1 = v,
+                    Attribute::Copyable(v) => p.2 = v,
+                    Attribute::Modifiable(v) => p.3 = v,
+                    _ => {}
+                }
+            }
+            Ok(Some(p))
+        })
     }
 
     /// Epochs whose keys exist in the token.

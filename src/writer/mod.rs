@@ -142,8 +142,7 @@ pub struct Writer {
     /// The last ack batch the disk refused (no space for a new ack segment), plus one
     /// (0 = none), and the file it names: its waiters get `DiskFull`; its ack ids stay
     /// queued and are written once space frees.
-    acks_refused: AtomicU64,
-    acks_refused_path: Mutex<std::path::PathBuf>,
+    refusals: Mutex<Refusals>,
     failed: OnceLock<(String, FailureCause)>,
     /// Bytes of data in all live segments (preallocation not counted).
     pub disk_used: AtomicU64,
@@ -200,8 +199,7 @@ impl Writer {
             moved: Condvar::new(),
             acks: Mutex::new(AckBuf::default()),
             acks_done: AtomicU64::new(0),
-            acks_refused: AtomicU64::new(0),
-            acks_refused_path: Mutex::new(std::path::PathBuf::new()),
+            refusals: Mutex::new(Refusals::default()),
             failed: OnceLock::new(),
             disk_used: AtomicU64::new(used),
             on_dead: OnceLock::new(),
@@ -599,18 +597,27 @@ impl Writer {
         self.wait_until(true, || self.acks_written(gen))
     }
 
-    /// Whether ack batch `gen` is durable; `DiskFull` if the disk refused it a segment
-    /// (its acks stay queued and are written once space frees, or lost at a crash).
+    /// Whether ack batch `gen` is durable; the refusal (`DiskFull`, an I/O or key
+    /// provider error) if no ack segment could be made for it: its acks stay queued and
+    /// are written once one can, or lost at a crash.
     fn acks_written(&self, gen: u64) -> Result<bool> {
         if self.acks_done.load(Ordering::SeqCst) > gen {
             return Ok(true);
         }
-        if self.acks_refused.load(Ordering::SeqCst) > gen {
-            return Err(Error::DiskFull {
-                path: self.acks_refused_path.lock().clone(),
-            });
+        match self.refusals.lock().gens.get(&gen) {
+            Some(e) => Err(e.replicate()),
+            None => Ok(false),
         }
-        Ok(false)
+    }
+
+    /// The refusal, while acks refused a segment are still queued: an ack that finds
+    /// nothing to remove must not report success while an earlier ack of the same
+    /// message (which took it out of memory) is not durable yet.
+    pub fn check_acks_queued(&self) -> Result<()> {
+        match &self.refusals.lock().queued {
+            Some(e) => Err(e.replicate()),
+            None => Ok(()),
+        }
     }
 
     /// Ack ids per frame: at most half of a segment's room, so that a fresh segment
@@ -704,7 +711,18 @@ impl Writer {
             self.wake_parked();
             self.moved.notify_all();
         }
-        self.check_failed()
+        self.check_failed()?;
+        // Acks refused a segment and still not written would be back after the reopen:
+        // say so instead of closing cleanly.
+        if !self.acks.lock().entries.is_empty() {
+            return Err(self
+                .refusals
+                .lock()
+                .queued
+                .as_ref()
+                .map_or_else(|| Error::Closed, Error::replicate));
+        }
+        Ok(())
     }
 
     /// The spare segment's id, if one is ready.
@@ -822,28 +840,27 @@ impl Writer {
         st.urgent = false;
         self.first_waiter_ns.store(0, Ordering::SeqCst);
         self.last_arrival_ns.store(0, Ordering::SeqCst);
-        self.ensure_spare(&mut st)?;
+        self.ensure_spare(&mut st);
         let (ack_gen, ack_entries) = {
             let mut b = self.acks.lock();
             let gen = b.gen;
             b.gen += 1;
             (gen, std::mem::take(&mut b.entries))
         };
-        let acks_paused = self.acks_paused(&st);
-        let (ack_frames, refused) = if acks_paused && !ack_entries.is_empty() {
-            let e = Error::DiskFull {
-                path: self.acks_refused_path.lock().clone(),
-            };
-            (Vec::new(), Some((e, 0)))
-        } else {
-            self.reserve_acks(&mut st, &ack_entries)?
+        let paused = self.acks_paused(&st).filter(|_| !ack_entries.is_empty());
+        let (ack_frames, refused) = match paused {
+            Some(e) => (Vec::new(), Some((e, 0))),
+            None => self.reserve_acks(&mut st, &ack_entries),
         };
         let mut ack_entries = ack_entries;
         let refused = refused.is_some_and(|(e, consumed)| {
             let rest = ack_entries.split_off(consumed);
-            self.refuse_acks(&mut st, ack_gen, &e, rest);
+            self.refuse_acks(&mut st, ack_gen, e, rest);
             true
         });
+        if !refused && !ack_entries.is_empty() {
+            self.refusals.lock().queued = None; // every queued ack is reserved now
+        }
         if st.shutdown {
             self.close_all(&mut st);
         }
@@ -902,7 +919,8 @@ impl Writer {
         let is_async = self.cfg.durability == Durability::Async;
         loop {
             // Acks the disk refused a segment for wait for the retry time.
-            let acks_waiting = !self.acks_paused(st) && !self.acks.lock().entries.is_empty();
+            let acks_waiting =
+                self.acks_paused(st).is_none() && !self.acks.lock().entries.is_empty();
             let closing_ready = st.actives.values().any(Active::ready_to_seal);
             let sync_due = is_async
                 && st.pending_bytes == 0
@@ -939,12 +957,12 @@ impl Writer {
     /// or on a maker thread when it is to be zero-filled (which takes a whole segment's
     /// write). A full disk is not fatal here: appenders report it when they need a
     /// segment.
-    fn ensure_spare(self: &Arc<Self>, st: &mut MutexGuard<'_, State>) -> Result<()> {
+    fn ensure_spare(self: &Arc<Self>, st: &mut MutexGuard<'_, State>) {
         if st.spare.is_some() || st.creating || st.prefilling || st.shutdown {
-            return Ok(());
+            return;
         }
         if st.spare_retry_at.is_some_and(|t| Instant::now() < t) {
-            return Ok(());
+            return;
         }
         st.spare_retry_at = None;
         if self.cfg.zero_fill
@@ -964,21 +982,18 @@ impl Writer {
                     // The previous maker, if any, has offered its spare and is exiting:
                     // dropping its handle detaches it (never joined under this lock).
                     st.maker = Some(h);
-                    return Ok(());
+                    return;
                 }
                 // No thread to spare: make it here, without zeroing.
                 Err(_) => st.prefilling = false,
             }
         }
-        let r = self.create_unlocked(st);
-        match r {
+        // A spare that could not be made (disk full, the key provider down, an I/O error
+        // creating it) is retried later; appenders report it when they need a segment.
+        match self.create_unlocked(st) {
             Ok(s) => self.offer_spare(st, s),
-            Err(Error::DiskFull { .. } | Error::DiskQuotaExceeded { .. }) => {
-                st.spare_retry_at = Some(Instant::now() + SPARE_RETRY);
-            }
-            Err(e) => return Err(e),
+            Err(_) => st.spare_retry_at = Some(Instant::now() + SPARE_RETRY),
         }
-        Ok(())
     }
 
     /// The maker thread: creates a segment, zero-fills it and offers it as the spare.
@@ -1006,14 +1021,8 @@ impl Writer {
         st.prefilling = false;
         match r {
             Ok(seg) => self.offer_spare(&mut st, seg),
-            Err(Error::DiskFull { .. } | Error::DiskQuotaExceeded { .. }) => {
-                st.spare_retry_at = Some(Instant::now() + SPARE_RETRY);
-            }
-            Err(e) => {
-                drop(st);
-                self.fail(&e);
-                return;
-            }
+            // Nothing was written that anyone waits on: retried later (invariant 11).
+            Err(_) => st.spare_retry_at = Some(Instant::now() + SPARE_RETRY),
         }
         self.work.notify_one();
         self.moved.notify_all();
@@ -1028,7 +1037,7 @@ impl Writer {
         &self,
         st: &mut MutexGuard<'_, State>,
         entries: &[(u64, u64)],
-    ) -> Result<AckReservation> {
+    ) -> AckReservation {
         let mut frames = Vec::new();
         let mut consumed = 0;
         for chunk in entries.chunks(self.acks_per_frame()) {
@@ -1053,10 +1062,10 @@ impl Writer {
                         st.actives.insert(seg.id, Active::new(seg, None, now));
                     }
                     Ok(None) => {}
-                    Err(e @ (Error::DiskFull { .. } | Error::DiskQuotaExceeded { .. })) => {
-                        return Ok((frames, Some((e, consumed))));
-                    }
-                    Err(e) => return Err(e),
+                    // A segment that could not be made (disk full, the key provider, an
+                    // I/O error creating it) wrote nothing anyone waits on: refuse these
+                    // acks and retry, never fail the store for it.
+                    Err(e) => return (frames, Some((e, consumed))),
                 }
             };
             let a = st.actives.get_mut(&id).expect("ack segment is active");
@@ -1067,32 +1076,38 @@ impl Writer {
             frames.push((Arc::clone(&a.seg), off, chunk.iter().map(|e| e.0).collect()));
             consumed += chunk.len();
         }
-        Ok((frames, None))
+        (frames, None)
     }
 
-    /// Acks wait for the spare retry time after the disk refused them a segment (there
-    /// is no ack segment until one can be made).
-    fn acks_paused(&self, st: &State) -> bool {
-        self.acks_refused.load(Ordering::SeqCst) > 0
-            && st.ack_seg.is_none()
-            && st.spare_retry_at.is_some_and(|t| Instant::now() < t)
+    /// After an ack segment was refused, acks wait for the spare retry time (there is no
+    /// ack segment until one can be made); the refusal, while they wait. At shutdown they
+    /// are tried once more.
+    fn acks_paused(&self, st: &State) -> Option<Error> {
+        if st.shutdown || st.ack_seg.is_some() {
+            return None;
+        }
+        if st.spare_retry_at.is_none_or(|t| Instant::now() >= t) {
+            return None;
+        }
+        self.refusals.lock().queued.as_ref().map(Error::replicate)
     }
 
-    /// The disk refused an ack segment: the entries not yet reserved go back to the
-    /// front of the ack buffer, batch `gen`'s waiters get `DiskFull`, and acks are not
-    /// tried again before the spare retry time.
-    fn refuse_acks(&self, st: &mut State, gen: u64, err: &Error, rest: Vec<(u64, u64)>) {
-        let path = match err {
-            Error::DiskFull { path } => path.clone(),
-            _ => std::path::PathBuf::new(),
-        };
-        *self.acks_refused_path.lock() = path;
+    /// No ack segment could be made: the entries not yet reserved go back to the front
+    /// of the ack buffer, batch `gen`'s waiters get the refusal, and acks are not tried
+    /// again before the spare retry time.
+    fn refuse_acks(&self, st: &mut State, gen: u64, err: Error, rest: Vec<(u64, u64)>) {
         {
             let mut b = self.acks.lock();
             let later = std::mem::replace(&mut b.entries, rest);
             b.entries.extend(later);
         }
-        self.acks_refused.fetch_max(gen + 1, Ordering::SeqCst);
+        {
+            let mut r = self.refusals.lock();
+            let done = self.acks_done.load(Ordering::SeqCst);
+            r.gens.retain(|&g, _| g >= done);
+            r.gens.insert(gen, err.replicate());
+            r.queued = Some(err);
+        }
         let now = Instant::now();
         if st.spare_retry_at.is_none_or(|t| t <= now) {
             st.spare_retry_at = Some(now + SPARE_RETRY);
@@ -1262,6 +1277,15 @@ impl Writer {
         drop(self.state.lock());
         self.moved.notify_all();
     }
+}
+
+/// Ack batches no ack segment could be made for.
+#[derive(Debug, Default)]
+struct Refusals {
+    /// Refused batch generation → the refusal its waiters get.
+    gens: BTreeMap<u64, Error>,
+    /// Set while refused acks are queued (cleared once they are all reserved).
+    queued: Option<Error>,
 }
 
 /// Frames taken from one segment: (segment, offset of the first, frames in order).
