@@ -3,48 +3,15 @@
 //! store keeps serving, and once space frees it works again without a restart. Faults go
 //! through the I/O seam (`cinder::vfs::FaultFs`).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cinder::vfs::{Fault, FaultFs, FaultKind, Op};
-use cinder::{Error, FileKeyProvider, MessageId, NewMessage, Options, Store};
+mod common;
+
+use cinder::vfs::{Fault, FaultKind, Op};
+use cinder::{Durability, Error, MessageId, NewMessage, Store};
+use common::rig::Rig;
 
 const TTL: Duration = Duration::from_secs(3600);
-
-struct Rig {
-    _tmp: tempfile::TempDir,
-    dir: std::path::PathBuf,
-    key: Arc<FileKeyProvider>,
-    fs: Arc<FaultFs>,
-}
-
-impl Rig {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let key = Arc::new(FileKeyProvider::create(tmp.path().join("key")).unwrap());
-        let dir = tmp.path().join("data");
-        std::fs::create_dir(&dir).unwrap();
-        let fs = Arc::new(FaultFs::new(&dir).unwrap());
-        Rig {
-            _tmp: tmp,
-            dir,
-            key,
-            fs,
-        }
-    }
-
-    fn options(&self, fs: bool) -> Options {
-        let mut o = Options::new(self.key.clone());
-        o.segment_size = 64 << 10;
-        o.max_message_size = 4096;
-        o.zero_fill_segments = false;
-        o.background_reaper = false;
-        if fs {
-            o.file_system = self.fs.clone();
-        }
-        o
-    }
-}
 
 /// Appends `n` one-byte messages to `q` in batches; returns their ids.
 fn fill(store: &Store, q: &[u8], n: usize) -> Vec<MessageId> {
@@ -61,6 +28,35 @@ fn fill(store: &Store, q: &[u8], n: usize) -> Vec<MessageId> {
         ids.extend(store.append_batch(&batch).unwrap());
     }
     ids
+}
+
+/// Acks `ids` of queue `q` a thousand at a time until one batch is refused: the ids
+/// acked, and the refusal with the refused batch.
+fn ack_until_refused(
+    store: &Store,
+    ids: &[MessageId],
+) -> (Vec<MessageId>, (Error, Vec<MessageId>)) {
+    let mut acked = Vec::new();
+    for chunk in ids.chunks(1000) {
+        match store.ack_batch(b"q", chunk) {
+            Ok(n) => {
+                assert_eq!(n, chunk.len() as u64);
+                acked.extend_from_slice(chunk);
+            }
+            Err(e) => return (acked, (e, chunk.to_vec())),
+        }
+    }
+    panic!("no ack was refused: the ack segment never needed a new segment");
+}
+
+/// Every id queue `q` holds.
+fn queued(store: &Store) -> Vec<MessageId> {
+    store
+        .read(b"q", None, 100_000)
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect()
 }
 
 /// Retries `f` until it succeeds (the writer retries a refused segment after a pause).
@@ -80,28 +76,14 @@ fn eventually<T>(mut f: impl FnMut() -> cinder::Result<T>) -> T {
 
 #[test]
 fn disk_full_while_the_ack_segment_rotates_refuses_the_ack_and_the_store_keeps_serving() {
-    let rig = Rig::new();
-    let store = Store::open(&rig.dir, rig.options(true)).unwrap();
+    let rig = Rig::new(Durability::default(), Duration::from_secs(60));
+    let store = Store::open(&rig.dir, rig.faulty()).unwrap();
     let ids = fill(&store, b"q", 20_000);
     // From now on no segment can be preallocated: the spare made after the last rotation
     // is the only new segment left.
     rig.fs
         .inject(Fault::from_nth(Op::Allocate, 1, FaultKind::NoSpace));
-    let mut acked = Vec::new();
-    let mut refused = None;
-    for chunk in ids.chunks(1000) {
-        match store.ack_batch(b"q", chunk) {
-            Ok(n) => {
-                assert_eq!(n, chunk.len() as u64);
-                acked.extend_from_slice(chunk);
-            }
-            Err(e) => {
-                refused = Some((e, chunk.to_vec()));
-                break;
-            }
-        }
-    }
-    let (err, pending) = refused.expect("the ack segment needed a new segment");
+    let (acked, (err, pending)) = ack_until_refused(&store, &ids);
     assert!(matches!(err, Error::DiskFull { .. }), "{err}");
     assert!(rig.fs.injected() > 0);
     // The refused ack took its messages out of memory; retrying it must not report
@@ -122,13 +104,8 @@ fn disk_full_while_the_ack_segment_rotates_refuses_the_ack_and_the_store_keeps_s
     store.close().unwrap();
     drop(store);
     // Every ack that returned, and the refused ones written once space freed, are final.
-    let store = Store::open(&rig.dir, rig.options(false)).unwrap();
-    let left: Vec<MessageId> = store
-        .read(b"q", None, 100_000)
-        .unwrap()
-        .iter()
-        .map(|m| m.id)
-        .collect();
+    let store = Store::open(&rig.dir, rig.real()).unwrap();
+    let left = queued(&store);
     for id in acked.iter().chain(&pending).chain([&rest[0].id, &next]) {
         assert!(!left.contains(id), "acked message {id} came back");
     }
@@ -137,43 +114,31 @@ fn disk_full_while_the_ack_segment_rotates_refuses_the_ack_and_the_store_keeps_s
 
 #[test]
 fn a_batch_of_acks_larger_than_a_segment_is_split_across_segments() {
-    let rig = Rig::new();
-    let store = Store::open(&rig.dir, rig.options(false)).unwrap();
+    let rig = Rig::new(Durability::default(), Duration::from_secs(60));
+    let store = Store::open(&rig.dir, rig.real()).unwrap();
     let ids = fill(&store, b"q", 20_000);
     // 20,000 ack ids take 160 KB: more than one 64 KiB segment can hold.
     assert_eq!(store.ack_batch(b"q", &ids).unwrap(), ids.len() as u64);
     store.close().unwrap();
     drop(store);
-    let store = Store::open(&rig.dir, rig.options(false)).unwrap();
+    let store = Store::open(&rig.dir, rig.real()).unwrap();
     assert_eq!(store.len(b"q").unwrap(), 0);
 }
 
 #[test]
 fn closing_while_acks_wait_for_space_says_so_and_the_acks_are_not_final() {
-    let rig = Rig::new();
-    let store = Store::open(&rig.dir, rig.options(true)).unwrap();
+    let rig = Rig::new(Durability::default(), Duration::from_secs(60));
+    let store = Store::open(&rig.dir, rig.faulty()).unwrap();
     let ids = fill(&store, b"q", 20_000);
     rig.fs
         .inject(Fault::from_nth(Op::Allocate, 1, FaultKind::NoSpace));
-    let mut refused = None;
-    for chunk in ids.chunks(1000) {
-        if store.ack_batch(b"q", chunk).is_err() {
-            refused = Some(chunk.to_vec());
-            break;
-        }
-    }
-    let pending = refused.expect("an ack was refused");
+    let (_, (_, pending)) = ack_until_refused(&store, &ids);
     // The disk is still full at close: the queued acks cannot be written.
     let closed = store.close();
     assert!(matches!(closed, Err(Error::DiskFull { .. })), "{closed:?}");
     drop(store);
     // As the error said: those messages are back after the reopen.
-    let store = Store::open(&rig.dir, rig.options(false)).unwrap();
-    let left: Vec<MessageId> = store
-        .read(b"q", None, 100_000)
-        .unwrap()
-        .iter()
-        .map(|m| m.id)
-        .collect();
+    let store = Store::open(&rig.dir, rig.real()).unwrap();
+    let left = queued(&store);
     assert!(pending.iter().all(|id| left.contains(id)));
 }

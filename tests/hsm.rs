@@ -116,6 +116,35 @@ fn opts(p: &Arc<Pkcs11KeyProvider>, clock: &Arc<ManualClock>) -> Options {
     o
 }
 
+/// A 0600 file holding a PIN that is not the token's.
+fn bad_pin_file(h: &Hsm, name: &str, pin: &str) -> PathBuf {
+    let bad = h.pin_file.with_file_name(name);
+    std::fs::write(&bad, pin).unwrap();
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
+    bad
+}
+
+/// Opening `token` with the PIN in `bad` fails with `WrongPin`; returns the error.
+fn open_with_wrong_pin(token: &str, bad: &Path) -> Error {
+    let err = Pkcs11KeyProvider::open(Pkcs11Config::new(
+        MODULE,
+        token,
+        PinSource::File(bad.to_path_buf()),
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Hsm {
+                kind: HsmFailure::WrongPin,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    err
+}
+
 #[test]
 fn a_store_on_the_hsm_provider_round_trips_and_reopens_with_a_new_session() {
     let Some(h) = hsm() else { return };
@@ -163,21 +192,8 @@ fn epoch_keys_cannot_be_copied_or_changed_and_a_second_login_checks_its_pin() {
     );
     // While this process is logged in to the token, the token does not check a second
     // login's PIN: the provider must, or a wrong PIN goes unnoticed until a restart.
-    let bad = h.pin_file.with_file_name("bad-pin-2");
-    std::fs::write(&bad, "not-the-pin-either").unwrap();
-    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let err = Pkcs11KeyProvider::open(Pkcs11Config::new(MODULE, TOKENS[4], PinSource::File(bad)))
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Hsm {
-                kind: HsmFailure::WrongPin,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    let bad = bad_pin_file(h, "bad-pin-2", "not-the-pin-either");
+    open_with_wrong_pin(TOKENS[4], &bad);
     // The right PIN still opens a second provider alongside.
     let again = Pkcs11KeyProvider::open(Pkcs11Config::new(
         MODULE,
@@ -244,25 +260,8 @@ fn a_destroyed_epoch_key_leaves_an_old_keystore_copy_unopenable() {
 fn a_wrong_pin_and_a_missing_token_are_typed_errors() {
     let Some(h) = hsm() else { return };
     let _g = serial();
-    let bad = h.pin_file.with_file_name("bad-pin");
-    std::fs::write(&bad, "not-the-pin").unwrap();
-    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let err = Pkcs11KeyProvider::open(Pkcs11Config::new(
-        MODULE,
-        TOKENS[2],
-        PinSource::File(bad.clone()),
-    ))
-    .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Hsm {
-                kind: HsmFailure::WrongPin,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    let bad = bad_pin_file(h, "bad-pin", "not-the-pin");
+    let err = open_with_wrong_pin(TOKENS[2], &bad);
     assert!(
         !format!("{err} {err:?}").contains("not-the-pin"),
         "the PIN leaked into an error"

@@ -7,32 +7,20 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
-use cinder::vfs::{Fault, FaultFs, FaultKind, Op};
-use cinder::{Error, FileKeyProvider, ManualClock, MessageId, Options, Store};
+use cinder::vfs::{Fault, FaultKind, Op};
+use cinder::{Durability, Error, MessageId, Store};
+use common::rig::Rig;
 
 const TTL: Duration = Duration::from_secs(3600);
 const DEADLINE: Duration = Duration::from_secs(60);
 
 #[test]
 fn a_compaction_refused_a_segment_is_retried_and_the_deadline_holds() {
-    let tmp = tempfile::tempdir().unwrap();
-    let key = Arc::new(FileKeyProvider::create(tmp.path().join("key")).unwrap());
-    let dir = tmp.path().join("data");
-    std::fs::create_dir(&dir).unwrap();
-    let fs = Arc::new(FaultFs::new(&dir).unwrap());
-    let clock = ManualClock::new(1_770_000_000_000);
-    let mut o = Options::new(key.clone());
-    o.segment_size = 64 << 10;
-    o.max_message_size = 4096;
-    o.max_shred_delay = DEADLINE;
-    o.clock = clock.clone();
-    o.background_reaper = false;
-    o.zero_fill_segments = false;
-    o.file_system = fs.clone();
-    let store = Store::open(&dir, o).unwrap();
+    let su = Rig::new(Durability::default(), DEADLINE);
+    let (dir, key, fs, clock) = (&su.dir, &su.key1, &su.fs, &su.clock);
+    let store = Store::open(dir, su.faulty()).unwrap();
     let body = [7u8; 1000];
     // A full first segment (about 60 frames) and the start of a second.
     let ids: Vec<MessageId> = (0..80)
@@ -71,7 +59,7 @@ fn a_compaction_refused_a_segment_is_retried_and_the_deadline_holds() {
     store.maintain().unwrap();
     clock.advance(DEADLINE);
     store.maintain().unwrap();
-    let openable: HashSet<u64> = common::openable::openable_messages(&dir, &[&*key])
+    let openable: HashSet<u64> = common::openable::openable_messages(dir, &[&**key])
         .into_iter()
         .map(|(_, id)| id)
         .collect();
@@ -93,26 +81,9 @@ fn a_compaction_refused_a_segment_is_retried_and_the_deadline_holds() {
 /// durable copy, and the messages come back after a reopen.
 #[test]
 fn acks_protect_every_copy_a_retried_compaction_left_behind() {
-    let tmp = tempfile::tempdir().unwrap();
-    let key = Arc::new(FileKeyProvider::create(tmp.path().join("key")).unwrap());
-    let dir = tmp.path().join("data");
-    std::fs::create_dir(&dir).unwrap();
-    let fs = Arc::new(FaultFs::new(&dir).unwrap());
-    let clock = ManualClock::new(1_770_000_000_000);
-    let opts = |fs: Option<Arc<FaultFs>>| {
-        let mut o = Options::new(key.clone());
-        o.segment_size = 64 << 10;
-        o.max_message_size = 4096;
-        o.max_shred_delay = DEADLINE;
-        o.clock = clock.clone();
-        o.background_reaper = false;
-        o.zero_fill_segments = false;
-        if let Some(fs) = fs {
-            o.file_system = fs;
-        }
-        o
-    };
-    let store = Store::open(&dir, opts(Some(fs.clone()))).unwrap();
+    let su = Rig::new(Durability::default(), DEADLINE);
+    let (dir, fs, clock) = (&su.dir, &su.fs, &su.clock);
+    let store = Store::open(dir, su.faulty()).unwrap();
     // First segment: 60 frames of ~1 KB, two acked: its 58 survivors nearly fill one
     // survivor segment.
     let first: Vec<MessageId> = (0..60)
@@ -159,7 +130,7 @@ fn acks_protect_every_copy_a_retried_compaction_left_behind() {
     assert_eq!(ids(&store), first[2..]);
     store.close().unwrap();
     drop(store);
-    let store = Store::open(&dir, opts(None)).unwrap();
+    let store = Store::open(dir, su.real()).unwrap();
     assert_eq!(
         ids(&store),
         first[2..],

@@ -18,6 +18,8 @@ pub struct Rig {
     pub clock: Arc<ManualClock>,
     pub mode: Durability,
     pub deadline: Duration,
+    /// A fault-injecting file system over `dir`, made with the rig.
+    pub fs: Arc<FaultFs>,
 }
 
 impl Rig {
@@ -27,7 +29,9 @@ impl Rig {
         let key2 = Arc::new(FileKeyProvider::create(tmp.path().join("key2")).unwrap());
         let dir = tmp.path().join("data");
         std::fs::create_dir(&dir).unwrap();
+        let fs = Arc::new(FaultFs::new(&dir).unwrap());
         Rig {
+            fs,
             _tmp: tmp,
             dir,
             key1,
@@ -60,6 +64,16 @@ impl Rig {
             o.file_system = fs;
         }
         o
+    }
+
+    /// Options over the rig's own `FaultFs`.
+    pub fn faulty(&self) -> Options {
+        self.options(Some(self.fs.clone()), false)
+    }
+
+    /// Options over the real file system.
+    pub fn real(&self) -> Options {
+        self.options(None, false)
     }
 
     /// Empties the data dir and sets the clock back to the start, for the next run.
