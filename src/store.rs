@@ -680,6 +680,8 @@ impl Store {
         // before took the message out of memory; it is back after a reopen).
         self.inner.writer.check_failed()?;
         let Some(q) = self.inner.index.get(queue) else {
+            // See below: not a success while an earlier refused ack may be the reason.
+            self.inner.writer.check_acks_queued()?;
             return Ok(0);
         };
         let now = self.inner.now_ms();
@@ -869,7 +871,12 @@ impl Store {
         }
         // After a writer failure the keystore is left as the last successful write made
         // it; either way the data dir is released and can be opened again right away.
-        let flushed = r.and_then(|()| self.inner.keyring.flush());
+        let flushed = match r {
+            Err(e @ Error::WriterFailed { .. }) => Err(e),
+            // Acks still refused a segment: the floors are persisted all the same.
+            Err(e) => self.inner.keyring.flush().and(Err(e)),
+            Ok(()) => self.inner.keyring.flush(),
+        };
         self.inner.lock.lock().take();
         flushed
     }

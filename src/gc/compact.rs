@@ -190,19 +190,13 @@ fn abandon(inner: &Inner, seg: &Segment, c: &Copy, now: u64, message_live: bool)
     }
 }
 
-/// Links `a` and `b` as holding copies of the same messages, and each with every segment
-/// either is linked with already (a retried compaction can leave copies in several
-/// survivors): an ack applied to any segment of the group protects all of it.
-fn link_copies(inner: &Inner, a: &Segment, b: &Segment) {
-    let mut group: std::collections::HashSet<u64> = [a.id, b.id].into();
-    group.extend(a.links.lock().copies.iter().copied());
-    group.extend(b.links.lock().copies.iter().copied());
-    for &id in &group {
-        if let Some(s) = inner.segments.get(id) {
-            let mut l = s.links.lock();
-            l.copies.extend(group.iter().copied().filter(|&o| o != id));
-        }
-    }
+/// Links `a` and `b` as holding copies of the same messages: an ack applied to either
+/// protects both. Direct links only: a survivor receives copies from many originals
+/// over its life, and a group closed under linking would spread to most live segments
+/// and pin every ack segment as long as the longest-lived of them.
+fn link_copies(a: &Segment, b: &Segment) {
+    a.links.lock().copies.insert(b.id);
+    b.links.lock().copies.insert(a.id);
 }
 
 /// Decrypts each live message and writes its copy; `copies` holds what was written.
@@ -227,7 +221,7 @@ fn copy_out(
         // Before the copy can be durable: from here on, an ack of any record of `seg`
         // also protects the survivor (and the reverse), whatever becomes of the copy.
         if r.seg.id != seg.id && !seg.links.lock().copies.contains(&r.seg.id) {
-            link_copies(inner, seg, &r.seg);
+            link_copies(seg, &r.seg);
         }
         let meta = MessageMeta {
             id: m.id,
@@ -268,7 +262,23 @@ fn switch_over(inner: &Inner, seg: &Segment, copies: Vec<Copy>, now: u64) -> Res
     }
     let mut moved = 0;
     let mut bytes = 0;
+    // After a failed attempt, other survivors may hold abandoned copies of the messages
+    // now moving: link them with the segments the messages move to, so an ack of a
+    // moved message protects those copies too.
+    let earlier: Vec<u64> = if seg.compact_failures.load(Ordering::SeqCst) > 0 {
+        seg.links.lock().copies.iter().copied().collect()
+    } else {
+        Vec::new()
+    };
+    let mut linked = std::collections::HashSet::new();
     for c in copies {
+        if !earlier.is_empty() && linked.insert(c.to.id) {
+            for x in earlier.iter().filter_map(|&x| inner.segments.get(x)) {
+                if x.id != c.to.id {
+                    link_copies(&x, &c.to);
+                }
+            }
+        }
         let swapped = inner.index.get(&c.queue).is_some_and(|q| {
             q.state
                 .lock()

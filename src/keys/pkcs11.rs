@@ -78,7 +78,11 @@ impl Pkcs11Config {
     }
 }
 
-/// Keyed hashes of the PINs this process logged in with, by token label (see `login`).
+/// Keys the PIN hashes below: a secret of this process only, so a hash kept in memory
+/// cannot be brute-forced into a short PIN without it.
+static PIN_KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+
+/// Keyed hashes of the PINs this process logged in with, by token (see `login`).
 static LOGINS: Mutex<std::collections::BTreeMap<String, [u8; 32]>> =
     Mutex::new(std::collections::BTreeMap::new());
 
@@ -154,7 +158,12 @@ fn read_pin(src: &PinSource) -> Result<(AuthPin, [u8; 32])> {
                 .map_err(|_| hsm(HsmFailure::WrongPin, "the PIN file is not UTF-8"))?
         }
     };
-    let check = blake3::derive_key("cinder v1 pkcs11 pin check", s.as_bytes());
+    let key = PIN_KEY.get_or_init(|| {
+        let mut k = [0u8; 32];
+        let _ = crypto::fill_random(&mut k);
+        k
+    });
+    let check = *blake3::keyed_hash(key, s.as_bytes()).as_bytes();
     Ok((AuthPin::new(s.into()), check))
 }
 
@@ -185,7 +194,7 @@ impl Pkcs11KeyProvider {
             )
         })?;
         let (pin, pin_check) = read_pin(&cfg.pin)?;
-        let session = Self::login(&ctx, slot, (&pin, pin_check))?;
+        let session = Self::login((&ctx, &cfg.module), slot, (&pin, pin_check))?;
         let id = {
             let h = blake3::Hasher::new_derive_key("cinder v1 pkcs11 kek id")
                 .update(cfg.token_label.as_bytes())
@@ -213,13 +222,21 @@ impl Pkcs11KeyProvider {
     /// (`CKR_USER_ALREADY_LOGGED_IN`), so the PIN is compared with the one that logged
     /// in (kept as a keyed hash): a wrong PIN is refused now, not at the next restart.
     /// A login made by other code in the process, outside cinder, cannot be checked.
-    fn login(ctx: &Pkcs11, slot: Slot, (pin, check): (&AuthPin, [u8; 32])) -> Result<Session> {
+    fn login(
+        (ctx, module): (&Pkcs11, &std::path::Path),
+        slot: Slot,
+        (pin, check): (&AuthPin, [u8; 32]),
+    ) -> Result<Session> {
         let session = ctx.open_rw_session(slot).map_err(|e| ck(&e))?;
-        let label = ctx
-            .get_token_info(slot)
-            .map_err(|e| ck(&e))?
-            .label()
-            .to_string();
+        // Token labels need not be unique: the token is named by its module's path and
+        // its serial number too.
+        let info = ctx.get_token_info(slot).map_err(|e| ck(&e))?;
+        let label = format!(
+            "{}\0{}\0{}",
+            module.display(),
+            info.serial_number(),
+            info.label()
+        );
         let mut logins = LOGINS.lock();
         match session.login(UserType::User, Some(pin)) {
             Ok(()) => {
@@ -245,7 +262,11 @@ impl Pkcs11KeyProvider {
                 kind: HsmFailure::SessionLost,
                 ..
             }) => {
-                c.session = Self::login(&self.ctx, self.slot, (&self.pin, self.pin_check))?;
+                c.session = Self::login(
+                    (&self.ctx, &self.cfg.module),
+                    self.slot,
+                    (&self.pin, self.pin_check),
+                )?;
                 c.keys.clear();
                 f(&mut c)
             }
@@ -298,9 +319,11 @@ impl Pkcs11KeyProvider {
                         Attribute::Sensitive(true),
                         Attribute::Extractable(false),
                         // No copy of it can be made (a copy would outlive its
-                        // destruction) and its policy cannot be changed later.
+                        // destruction) and its policy cannot be changed later; it
+                        // stays destroyable (that is how it is shredded).
                         Attribute::Copyable(false),
                         Attribute::Modifiable(false),
+                        Attribute::Destroyable(true),
                         Attribute::Encrypt(true),
                         Attribute::Decrypt(true),
                         Attribute::ValueLen(32.into()),

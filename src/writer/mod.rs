@@ -604,9 +604,10 @@ impl Writer {
         if self.acks_done.load(Ordering::SeqCst) > gen {
             return Ok(true);
         }
-        match self.refusals.lock().gens.get(&gen) {
-            Some(e) => Err(e.replicate()),
-            None => Ok(false),
+        let r = self.refusals.lock();
+        match (r.gens, &r.queued) {
+            (Some((first, last)), Some(e)) if (first..=last).contains(&gen) => Err(e.replicate()),
+            _ => Ok(false),
         }
     }
 
@@ -858,9 +859,8 @@ impl Writer {
             self.refuse_acks(&mut st, ack_gen, e, rest);
             true
         });
-        if !refused && !ack_entries.is_empty() {
-            self.refusals.lock().queued = None; // every queued ack is reserved now
-        }
+        // Every queued ack is reserved this round: the episode ends once they are durable.
+        let refusal_ends = !refused && !ack_entries.is_empty();
         if st.shutdown {
             self.close_all(&mut st);
         }
@@ -905,10 +905,23 @@ impl Writer {
             }
             ws.last_sync = Instant::now();
         }
-        self.seal_segments(to_seal, ws)?;
+        // Acks are linked before their segment can be sealed: a sealed ack segment that
+        // protects nothing yet could be shredded by the reaper in between.
         self.apply_acks(&ack_entries, &ack_frames);
+        self.seal_segments(to_seal, ws)?;
         if (!is_async || need_sync) && !refused {
             self.acks_done.fetch_max(ack_gen + 1, Ordering::SeqCst);
+        }
+        {
+            let mut r = self.refusals.lock();
+            if refusal_ends {
+                r.ends_at = Some(ack_gen);
+            }
+            if r.ends_at
+                .is_some_and(|g| self.acks_done.load(Ordering::SeqCst) > g)
+            {
+                *r = Refusals::default();
+            }
         }
         self.finish_round(batch_waiters);
         Ok(!shutdown)
@@ -1103,9 +1116,8 @@ impl Writer {
         }
         {
             let mut r = self.refusals.lock();
-            let done = self.acks_done.load(Ordering::SeqCst);
-            r.gens.retain(|&g, _| g >= done);
-            r.gens.insert(gen, err.replicate());
+            let first = r.gens.map_or(gen, |g| g.0);
+            r.gens = Some((first, gen));
             r.queued = Some(err);
         }
         let now = Instant::now();
@@ -1235,15 +1247,29 @@ impl Writer {
                 continue;
             };
             // The ack records protect the segment the message was found in and every
-            // segment holding a compaction copy of its records (contract 5).
-            let copies: Vec<u64> = t.links.lock().copies.iter().copied().collect();
-            let protected = std::iter::once(Arc::clone(&t))
-                .chain(copies.into_iter().filter_map(|c| self.segments.get(c)));
-            for p in protected {
+            // segment holding a compaction copy of its records (contract 5). The ack
+            // segments join `t`'s sources and `t`'s copies are read under one lock: a
+            // compaction linking a copy of `t` either is seen here, or sees these sources
+            // (`gc::compact::abandon` reads them under the same lock).
+            let copies: Vec<u64> = {
+                let mut l = t.links.lock();
                 for (src, _, _) in frames {
-                    if src.id != p.id {
-                        src.links.lock().ack_targets.insert(p.id);
-                        p.links.lock().ack_sources.insert(src.id);
+                    if src.id != t.id {
+                        l.ack_sources.insert(src.id);
+                    }
+                }
+                l.copies.iter().copied().collect()
+            };
+            for (src, _, _) in frames {
+                if src.id != t.id {
+                    src.links.lock().ack_targets.insert(t.id);
+                }
+            }
+            for c in copies.into_iter().filter_map(|c| self.segments.get(c)) {
+                for (src, _, _) in frames {
+                    if src.id != c.id {
+                        src.links.lock().ack_targets.insert(c.id);
+                        c.links.lock().ack_sources.insert(src.id);
                     }
                 }
             }
@@ -1282,10 +1308,15 @@ impl Writer {
 /// Ack batches no ack segment could be made for.
 #[derive(Debug, Default)]
 struct Refusals {
-    /// Refused batch generation → the refusal its waiters get.
-    gens: BTreeMap<u64, Error>,
-    /// Set while refused acks are queued (cleared once they are all reserved).
+    /// The refused batch generations of the current episode (first, last): their
+    /// waiters get `queued`'s error. A round in between that wrote acks is not in it
+    /// (`acks_done` answers those first).
+    gens: Option<(u64, u64)>,
+    /// Set while refused acks are queued; cleared once they are durable, which ends the
+    /// episode.
     queued: Option<Error>,
+    /// The batch that took the last of them: the episode ends when it is durable.
+    ends_at: Option<u64>,
 }
 
 /// Frames taken from one segment: (segment, offset of the first, frames in order).
