@@ -281,7 +281,7 @@ fn verify_segment(
     if let Some((off, kind)) = &walk.seal_problem {
         cx.problem(path, Some(*off), kind.to_string());
     }
-    check_tail(cx, path, &walk, sealed_len, bytes.len() as u64);
+    check_tail(cx, (path, &bytes), &walk, sealed_len);
     for f in &walk.frames {
         match &f.content {
             Content::Message {
@@ -333,7 +333,13 @@ fn keyless_segment(cx: &mut Ctx, id: u64, path: &Path, ks: &KeyStore) {
 
 /// The end of a segment: a sealed one must end exactly with its seal at the length the
 /// keystore recorded; an unsealed one may have a tail in flight.
-fn check_tail(cx: &mut Ctx, path: &Path, walk: &scan::SegmentScan, sealed_len: u64, len: u64) {
+fn check_tail(
+    cx: &mut Ctx,
+    (path, bytes): (&Path, &[u8]),
+    walk: &scan::SegmentScan,
+    sealed_len: u64,
+) {
+    let len = bytes.len() as u64;
     if sealed_len != 0 && (sealed_len != len || !walk.sealed) {
         let what = format!("keystore records this segment as sealed at {sealed_len} bytes; the file has {len} bytes and {} seal", if walk.sealed { "a" } else { "no" });
         cx.problem(path, Some(len.min(sealed_len)), what);
@@ -341,6 +347,11 @@ fn check_tail(cx: &mut Ctx, path: &Path, walk: &scan::SegmentScan, sealed_len: u
     if let Some((off, kind)) = &walk.stopped {
         if walk.sealed || sealed_len != 0 {
             cx.problem(path, Some(*off as u64), kind.to_string());
+        } else if walk.dropped > 0 && scan::damaged_mid_segment(bytes, *off) {
+            // The same rule recovery applies: a frame written whole with data after it
+            // is damage, not a torn tail, and recovery refuses it.
+            let what = format!("{kind} in a frame written whole, with data after it (damage, not a torn tail; recovery refuses it)");
+            cx.problem(path, Some(*off as u64), what);
         } else if walk.dropped > 0 {
             let what = format!("tail in flight or torn ({} non-zero bytes after the last complete frame; recovery cuts them)", walk.dropped);
             cx.note(path, Some(*off as u64), what);
