@@ -139,7 +139,10 @@ impl Keyring {
         // Now that no live keystore holds them, epoch keys nothing needs are destroyed
         // (HSM provider): old copies of these wrapped keys can never be opened again.
         let provider = Arc::clone(&self.provider.read());
-        let live: Vec<&[u8]> = st.ks.wrapped_keys().collect();
+        // The keystore on disk needs its meta key too: its epoch may be one no data key
+        // is in (a keystore written just before an epoch boundary).
+        let mut live: Vec<&[u8]> = st.ks.wrapped_keys().collect();
+        live.push(st.ks.meta_wrapped());
         let destroyed = provider.retire(&live)?;
         if !destroyed.is_empty() {
             let kek = provider.kek_id();

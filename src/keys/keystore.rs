@@ -33,6 +33,9 @@ pub struct KeyStore {
     /// The key audit log's (record count, last hash) this keystore vouches for: read at
     /// load (`None` from a version-2 keystore), set by the keyring before each persist.
     pub audit_anchor: Option<(u64, [u8; 32])>,
+    /// The wrapped one-time meta key of the keystore on disk (empty before the first
+    /// write): a provider with destroyable epochs must keep the key that opens it.
+    meta_wrapped: Vec<u8>,
 }
 
 fn dek_context(segment_id: u64, dek_id: u64) -> [u8; 26] {
@@ -60,6 +63,7 @@ impl KeyStore {
             id_floor: 1,
             time_floor_ms: 0,
             audit_anchor: None,
+            meta_wrapped: Vec::new(),
         }
     }
 
@@ -119,7 +123,13 @@ impl KeyStore {
             id_floor: meta.id_floor,
             time_floor_ms: meta.time_floor_ms,
             audit_anchor: meta.audit,
+            meta_wrapped: img.meta_wrapped_key,
         }))
+    }
+
+    /// The wrapped meta key of the keystore on disk.
+    pub fn meta_wrapped(&self) -> &[u8] {
+        &self.meta_wrapped
     }
 
     pub fn path(&self) -> &Path {
@@ -272,6 +282,7 @@ impl KeyStore {
         img.meta_sealed[META_PLAIN_LEN..].copy_from_slice(&tag);
         fsutil::replace_file(fs, &self.path, &img.encode())?;
         self.generation = generation;
+        self.meta_wrapped = img.meta_wrapped_key;
         Ok(())
     }
 }

@@ -52,8 +52,9 @@ pub trait KeyProvider: Send + Sync + std::fmt::Debug {
         None
     }
 
-    /// Called after keys were shredded durably, with every wrapped key still live: a
-    /// provider with destroyable key-encryption keys destroys those no live key needs.
+    /// Called after keys were shredded durably, with every wrapped key still live (the
+    /// data keys, and the meta key of the keystore on disk): a provider with destroyable
+    /// key-encryption keys destroys those no live key needs.
     /// Returns the ids (epochs) destroyed.
     fn retire(&self, _live: &[&[u8]]) -> Result<Vec<u64>> {
         Ok(Vec::new())
