@@ -34,10 +34,16 @@ impl Gate {
     fn arm(&self) {
         self.state.lock().armed = true;
     }
+    /// Waits (a minute at most: a test that cannot set up its interleaving fails, it
+    /// does not hang) until the writer is held.
     fn wait_holding(&self) {
+        let give_up = std::time::Instant::now() + Duration::from_secs(60);
         let mut s = self.state.lock();
         while !s.holding {
-            self.cv.wait(&mut s);
+            assert!(
+                !self.cv.wait_until(&mut s, give_up).timed_out(),
+                "the compaction never wrote into a fresh segment"
+            );
         }
     }
     fn release(&self) {
@@ -117,6 +123,15 @@ fn mostly_dead_segment(store: &Store, keep: &[usize]) -> Vec<MessageId> {
 /// Runs a maintenance pass on another thread and acks `victim` while the pass's
 /// compaction waits for its copies to be written.
 fn ack_during_compaction(fx: &Fixture, store: &Arc<Store>, victim: MessageId) {
+    // Whatever happens (a failed assertion included), the writer is let go, so that the
+    // store can close instead of hanging the test.
+    struct Release<'a>(&'a Gate);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.release();
+        }
+    }
+    let _release = Release(&fx.gate);
     fx.gate.arm();
     let s = Arc::clone(store);
     let maint = std::thread::spawn(move || s.maintain());
@@ -125,7 +140,9 @@ fn ack_during_compaction(fx: &Fixture, store: &Arc<Store>, victim: MessageId) {
     let before = store.len(b"q").unwrap();
     let acker = std::thread::spawn(move || s.ack(b"q", victim));
     // The ack has taken the message out of the index before the copy is switched to.
+    let give_up = std::time::Instant::now() + Duration::from_secs(60);
     while store.len(b"q").unwrap() == before {
+        assert!(std::time::Instant::now() < give_up, "the ack never ran");
         std::thread::yield_now();
     }
     fx.gate.release();
