@@ -113,6 +113,12 @@ impl EngineClock {
 impl Clock for EngineClock {
     fn now_ms(&self) -> u64 {
         let t = self.raw.now_ms().saturating_add(self.offset_ms);
+        // A plain load in the common case (the clock has not moved past `last`): no
+        // read-modify-write on a line every appender shares.
+        let last = self.last.load(Ordering::SeqCst);
+        if t <= last {
+            return last;
+        }
         self.last.fetch_max(t, Ordering::SeqCst).max(t)
     }
 }

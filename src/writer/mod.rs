@@ -143,6 +143,9 @@ pub struct Writer {
     /// (0 = none), and the file it names: its waiters get `DiskFull`; its ack ids stay
     /// queued and are written once space frees.
     refusals: Mutex<Refusals>,
+    /// A refusal episode is open (`refusals` is not empty): lets the ack path and the
+    /// writer's round skip that lock in the common case.
+    refusing: std::sync::atomic::AtomicBool,
     failed: OnceLock<(String, FailureCause)>,
     /// Bytes of data in all live segments (preallocation not counted).
     pub disk_used: AtomicU64,
@@ -200,6 +203,7 @@ impl Writer {
             acks: Mutex::new(AckBuf::default()),
             acks_done: AtomicU64::new(0),
             refusals: Mutex::new(Refusals::default()),
+            refusing: std::sync::atomic::AtomicBool::new(false),
             failed: OnceLock::new(),
             disk_used: AtomicU64::new(used),
             on_dead: OnceLock::new(),
@@ -604,6 +608,9 @@ impl Writer {
         if self.acks_done.load(Ordering::SeqCst) > gen {
             return Ok(true);
         }
+        if !self.refusing.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
         let r = self.refusals.lock();
         match (r.gens, &r.queued) {
             (Some((first, last)), Some(e)) if (first..=last).contains(&gen) => Err(e.replicate()),
@@ -615,6 +622,9 @@ impl Writer {
     /// nothing to remove must not report success while an earlier ack of the same
     /// message (which took it out of memory) is not durable yet.
     pub fn check_acks_queued(&self) -> Result<()> {
+        if !self.refusing.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         match &self.refusals.lock().queued {
             Some(e) => Err(e.replicate()),
             None => Ok(()),
@@ -912,7 +922,7 @@ impl Writer {
         if (!is_async || need_sync) && !refused {
             self.acks_done.fetch_max(ack_gen + 1, Ordering::SeqCst);
         }
-        {
+        if self.refusing.load(Ordering::SeqCst) {
             let mut r = self.refusals.lock();
             if refusal_ends {
                 r.ends_at = Some(ack_gen);
@@ -921,6 +931,7 @@ impl Writer {
                 .is_some_and(|g| self.acks_done.load(Ordering::SeqCst) > g)
             {
                 *r = Refusals::default();
+                self.refusing.store(false, Ordering::SeqCst);
             }
         }
         self.finish_round(batch_waiters);
@@ -1119,6 +1130,7 @@ impl Writer {
             let first = r.gens.map_or(gen, |g| g.0);
             r.gens = Some((first, gen));
             r.queued = Some(err);
+            self.refusing.store(true, Ordering::SeqCst);
         }
         let now = Instant::now();
         if st.spare_retry_at.is_none_or(|t| t <= now) {
