@@ -844,12 +844,14 @@ impl Store {
     }
 
     /// Waits until everything appended or acked so far is durable and sealed segments
-    /// are settled.
+    /// are settled (their lengths recorded in the keystore, the next spare segment made).
     pub fn flush(&self) -> Result<()> {
         self.check_open()?;
         let w = &self.inner.writer;
         let gen = w.push_acks(std::iter::empty());
-        w.wait_acks_durable(gen)
+        w.wait_acks_durable(gen)?;
+        w.settle_key_work();
+        Ok(())
     }
 
     /// Flushes, seals the active segments and releases the data dir. Also done on drop.

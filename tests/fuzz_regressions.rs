@@ -245,8 +245,15 @@ fn crashed_copy_with_altered_body(tmp: &Path) -> (std::path::PathBuf, Arc<FileKe
     fs::DirBuilder::new().mode(0o700).create(&copy).unwrap();
     for e in fs::read_dir(&dir).unwrap() {
         let e = e.unwrap();
+        // The key worker may rename a new spare into place meanwhile: a file gone
+        // since the listing is one a crash copy would not hold either.
         if e.file_name() != "LOCK" {
-            fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+            match fs::copy(e.path(), copy.join(e.file_name())) {
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                r => {
+                    r.unwrap();
+                }
+            }
         }
     }
     store.close().unwrap();

@@ -329,6 +329,17 @@ fn a_lost_login_reconnects_and_a_file_key_store_rotates_onto_the_hsm() {
     drop(s);
     let s = Store::open(&data, opts(&p, &clock)).unwrap();
     assert_eq!(s.len(b"q").unwrap(), 110);
+    // Rotating away from the token destroys every epoch key the store had there
+    // (`retire_all`): nothing live is under them any more.
+    assert!(!p.epochs().unwrap().is_empty());
+    let away = Arc::new(cinder::FileKeyProvider::create(tmp.path().join("k2")).unwrap());
+    s.rotate_master_key(away).unwrap();
+    assert_eq!(
+        p.epochs().unwrap(),
+        Vec::<u64>::new(),
+        "the old token's epoch keys outlived the rotation away from it"
+    );
+    assert_eq!(s.len(b"q").unwrap(), 110);
 }
 
 #[test]

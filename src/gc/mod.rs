@@ -146,11 +146,17 @@ pub fn shred_dead(inner: &Inner, now: u64) -> Result<usize> {
         }
     }
     if doomed.is_empty() {
-        return Ok(0);
+        // Nothing dies: a key-epoch retirement that failed earlier is retried all the
+        // same (the keyring returns at once when none is pending).
+        return match inner.keyring.shred(&[])? {
+            Some(retire_err) => Err(retire_err),
+            None => Ok(0),
+        };
     }
     let ids: Vec<u64> = doomed.iter().copied().collect();
-    // 1. Keys out of the keystore, durably. From here the records are unreadable.
-    inner.keyring.shred(&ids)?;
+    // 1. Keys out of the keystore, durably. From here the records are unreadable. (An
+    //    error retiring epoch keys is reported once the shred below is done.)
+    let retire_err = inner.keyring.shred(&ids)?;
     // 2. Files out of the directory, and the in-memory keys dropped (zeroized once the
     //    last reader lets go). A file that cannot be unlinked holds only ciphertext under
     //    a destroyed key; the next open deletes it (a file without a key).
@@ -191,7 +197,7 @@ pub fn shred_dead(inner: &Inner, now: u64) -> Result<usize> {
     // The keys are gone: these segments are shredded whatever happens to their files.
     inner.shreds.fetch_add(ids.len() as u64, Ordering::SeqCst);
     fsutil::sync_dir(&*inner.opts.file_system, &inner.dir)?;
-    if let Some(e) = unlink_err {
+    if let Some(e) = unlink_err.or(retire_err) {
         return Err(e);
     }
     Ok(ids.len())

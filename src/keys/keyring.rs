@@ -2,7 +2,7 @@
 //! them: creating a segment under a fresh key, and shredding segments' keys.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -22,14 +22,33 @@ use crate::vfs::FileSystem;
 struct KeyState {
     ks: KeyStore,
     audit: KeyAudit,
+    /// The provider's last `retire` failed: the next shred calls it again, even with
+    /// nothing new to shred.
+    retire_pending: bool,
+    /// Providers a master-key rotation moved away from, whose `retire_all` has not
+    /// succeeded yet (tried again at every shred).
+    abandoned: Vec<Arc<dyn KeyProvider>>,
+    /// Audit records of key destructions not yet in the log (its append failed): the
+    /// next keystore write records them first.
+    unaudited: Vec<Event>,
+    /// The keystore in memory has changes (sealed lengths) the one on disk lacks.
+    dirty: bool,
 }
 
-/// Serialises every keystore change; held across keystore I/O, never by hot paths.
+/// Serialises every keystore change. Its lock is held across keystore I/O and key
+/// provider calls, so nothing an appender or an ack waits for takes it: the writer
+/// hands its key work to its key worker (`writer::keywork`), and only an appender
+/// that finds no spare segment ready creates one here itself. A master-key rotation
+/// re-wraps with the lock dropped and takes it only to apply and persist.
 #[derive(Debug)]
 pub struct Keyring {
     dir: PathBuf,
     fs: Arc<dyn FileSystem>,
     store: Mutex<KeyState>,
+    /// One master-key rotation at a time (held across the whole of it).
+    rotation: Mutex<()>,
+    /// Live data keys, as of the last change (read without the lock, for `stats`).
+    live: AtomicUsize,
     /// Replaced by a master-key rotation (under the `store` lock).
     provider: RwLock<Arc<dyn KeyProvider>>,
     next_id: Arc<AtomicU64>,
@@ -47,7 +66,16 @@ impl Keyring {
         Keyring {
             dir: dir.to_path_buf(),
             fs,
-            store: Mutex::new(KeyState { ks, audit }),
+            live: AtomicUsize::new(ks.len()),
+            store: Mutex::new(KeyState {
+                ks,
+                audit,
+                retire_pending: false,
+                abandoned: Vec::new(),
+                unaudited: Vec::new(),
+                dirty: false,
+            }),
+            rotation: Mutex::new(()),
             provider: RwLock::new(provider),
             next_id,
             clock,
@@ -58,13 +86,30 @@ impl Keyring {
     /// (a crash between the two leaves records the keystore does not vouch for yet,
     /// which is allowed; never the reverse).
     fn persist(&self, st: &mut KeyState, events: &[Event]) -> Result<()> {
+        self.live.store(st.ks.len(), Ordering::Relaxed);
         let now = self.clock.now_ms();
-        st.audit.append(events, now)?;
+        if st.unaudited.is_empty() {
+            st.audit.append(events, now)?;
+        } else {
+            // Records owed from an earlier write whose audit append failed go first; once
+            // appended they are never queued again (a failed keystore write after it
+            // leaves them in the log, unanchored, which is allowed).
+            let mut all = std::mem::take(&mut st.unaudited);
+            let owed = all.len();
+            all.extend_from_slice(events);
+            if let Err(e) = st.audit.append(&all, now) {
+                all.truncate(owed);
+                st.unaudited = all;
+                return Err(e);
+            }
+        }
         let ks = &mut st.ks;
         ks.id_floor = ks.id_floor.max(self.next_id.load(Ordering::SeqCst));
         ks.time_floor_ms = ks.time_floor_ms.max(now);
         ks.audit_anchor = Some(st.audit.anchor());
-        ks.persist(&*self.fs, &**self.provider.read())
+        ks.persist(&*self.fs, &**self.provider.read())?;
+        st.dirty = false;
+        Ok(())
     }
 
     /// Creates a new segment: fresh random key, wrapped and persisted in the keystore
@@ -117,49 +162,97 @@ impl Keyring {
         }
     }
 
-    /// Shreds keys: removes them from the keystore and persists it. After this returns,
-    /// no copy of those keys exists on disk (in the live keystore); the caller then
-    /// unlinks the files.
-    pub fn shred(&self, ids: &[u64]) -> Result<()> {
+    /// Shreds keys: removes them from the keystore and persists it. After this returns
+    /// `Ok`, no copy of those keys exists on disk (in the live keystore); the caller then
+    /// unlinks the files. Then asks the provider to retire the epoch keys no live key
+    /// needs (and providers rotated away from to retire all of theirs): an error there
+    /// is returned as `Ok(Some(error))`, the shred itself being done, and the retirement
+    /// is retried by the next call, with or without keys to shred.
+    pub fn shred(&self, ids: &[u64]) -> Result<Option<crate::Error>> {
         let mut st = self.store.lock();
         let removed: Vec<_> = ids.iter().filter_map(|&id| st.ks.remove(id)).collect();
-        if removed.is_empty() {
-            return Ok(());
+        if !removed.is_empty() {
+            let events: Vec<Event> = removed
+                .iter()
+                .map(|e| (AuditEvent::DekShredded, e.segment_id, e.kek_id))
+                .collect();
+            if let Err(e) = self.persist(&mut st, &events) {
+                // Not shredded on disk: keep the keys in memory too, so that the retry
+                // persists again instead of finding nothing to remove and calling it done.
+                st.ks.restore(removed);
+                self.live.store(st.ks.len(), Ordering::Relaxed);
+                return Err(e);
+            }
+        } else if !st.retire_pending && st.abandoned.is_empty() && st.unaudited.is_empty() {
+            return Ok(None);
         }
-        let events: Vec<Event> = removed
-            .iter()
-            .map(|e| (AuditEvent::DekShredded, e.segment_id, e.kek_id))
-            .collect();
-        if let Err(e) = self.persist(&mut st, &events) {
-            // Not shredded on disk: keep the keys in memory too, so that the retry
-            // persists again instead of finding nothing to remove and calling it done.
-            st.ks.restore(removed);
-            return Err(e);
-        }
-        // Now that no live keystore holds them, epoch keys nothing needs are destroyed
-        // (HSM provider): old copies of these wrapped keys can never be opened again.
+        Ok(self.retire_epochs(&mut st).err())
+    }
+
+    /// Now that no live keystore holds them, epoch keys nothing needs are destroyed
+    /// (HSM provider): old copies of the wrapped keys they wrap can never be opened
+    /// again. Every epoch destroyed is audited, also when the provider fails part way.
+    fn retire_epochs(&self, st: &mut KeyState) -> Result<()> {
         let provider = Arc::clone(&self.provider.read());
         // The keystore on disk needs its meta key too: its epoch may be one no data key
         // is in (a keystore written just before an epoch boundary).
-        let mut live: Vec<&[u8]> = st.ks.wrapped_keys().collect();
-        live.push(st.ks.meta_wrapped());
-        let destroyed = provider.retire(&live)?;
-        if !destroyed.is_empty() {
-            let kek = provider.kek_id();
-            let events: Vec<Event> = destroyed
+        let mut destroyed = Vec::new();
+        let retired = {
+            let mut live: Vec<&[u8]> = st.ks.wrapped_keys().collect();
+            live.push(st.ks.meta_wrapped());
+            provider.retire(&live, &mut destroyed)
+        };
+        st.retire_pending = retired.is_err();
+        let kek = provider.kek_id();
+        st.unaudited.extend(
+            destroyed
                 .iter()
-                .map(|&e| (AuditEvent::EpochKeyDestroyed, e, kek))
-                .collect();
-            self.persist(&mut st, &events)?;
+                .map(|&e| (AuditEvent::EpochKeyDestroyed, e, kek)),
+        );
+        // Providers rotated away from: every epoch key of theirs goes (never those of
+        // the provider in use: a rotation back to one takes it off this list first).
+        let mut abandoned_err = Ok(());
+        let mut still = Vec::new();
+        for old in std::mem::take(&mut st.abandoned) {
+            let old_kek = old.kek_id();
+            if old_kek == kek {
+                continue;
+            }
+            let mut gone = Vec::new();
+            let r = old.retire_all(&mut gone);
+            st.unaudited.extend(
+                gone.iter()
+                    .map(|&e| (AuditEvent::EpochKeyDestroyed, e, old_kek)),
+            );
+            if let Err(e) = r {
+                still.push(old);
+                abandoned_err = abandoned_err.and(Err(e));
+            }
         }
-        Ok(())
+        st.abandoned = still;
+        // Destroyed is destroyed: the records are owed until an audit append takes them
+        // (this write, or the next one).
+        let audited = if st.unaudited.is_empty() {
+            Ok(())
+        } else {
+            self.persist(st, &[])
+        };
+        retired.and(abandoned_err).and(audited)
     }
 
-    /// Records the final lengths of sealed segments, durably.
+    /// Records the final lengths of sealed segments, durably (in memory at once, so
+    /// any later keystore write carries them if this one fails). Segments shredded in
+    /// the meantime are skipped; if none is left, nothing is written.
     pub fn mark_sealed(&self, sealed: &[(u64, u64)]) -> Result<()> {
         let mut st = self.store.lock();
         for &(id, len) in sealed {
-            st.ks.mark_sealed(id, len);
+            if st.ks.contains(id) && st.ks.sealed_len(id) != len {
+                st.ks.mark_sealed(id, len);
+                st.dirty = true;
+            }
+        }
+        if !st.dirty {
+            return Ok(());
         }
         self.persist(&mut st, &[])
     }
@@ -175,8 +268,12 @@ impl Keyring {
     /// either the old keystore (opens with the old key, or with the new one given the
     /// old as `previous_key_provider`) or the new one. The audit log records every
     /// re-wrap and the rotation before the keystore is written.
+    ///
+    /// The provider calls (two per live key; an HSM's round trips) run with the lock
+    /// dropped, on a copy of the entries: segments created or shredded meanwhile are
+    /// re-wrapped or left out when the result is applied, under the lock.
     pub fn rotate(&self, new: Arc<dyn KeyProvider>) -> Result<RotationReport> {
-        let mut st = self.store.lock();
+        let _one = self.rotation.lock();
         let old = Arc::clone(&self.provider.read());
         let (old_id, new_id) = (old.kek_id(), new.kek_id());
         if old_id == new_id {
@@ -184,8 +281,27 @@ impl Keyring {
                 "the new master key is the current one".into(),
             ));
         }
+        // A provider rotated away from earlier and rotated back to now must not have its
+        // epoch keys retired under the keys this rotation wraps.
+        let revived: Vec<_> = {
+            let mut st = self.store.lock();
+            let (revived, rest) = std::mem::take(&mut st.abandoned)
+                .into_iter()
+                .partition(|p| p.kek_id() == new_id);
+            st.abandoned = rest;
+            revived
+        };
+        let snapshot = self.store.lock().ks.clone_entries();
+        let rewrapped = KeyStore::rewrapped(&KeyStore::path_in(&self.dir), snapshot, &*old, &*new);
+        let mut st = self.store.lock();
         let before = st.ks.clone_entries();
-        let ids = st.ks.rewrap_all(&*old, &*new)?;
+        let ids = match st.ks.apply_rewrap(&rewrapped, &*old, &*new) {
+            Ok(ids) => ids,
+            Err(e) => {
+                st.abandoned.extend(revived);
+                return Err(e);
+            }
+        };
         let mut events: Vec<Event> = ids
             .iter()
             .map(|&id| (AuditEvent::DekRewrapped, id, new_id))
@@ -201,12 +317,20 @@ impl Keyring {
                 .ok()
                 .and_then(|b| crate::format::keystore::KeystoreImage::decode(&b).ok())
                 .map(|img| img.kek_id);
-            if on_disk != Some(new_id) {
+            if on_disk == Some(new_id) {
+                // Rotated on disk all the same: the old provider is done with.
+                st.abandoned.push(old);
+            } else {
                 st.ks.restore_entries(before);
                 *self.provider.write() = old;
+                st.abandoned.extend(revived);
             }
             return Err(e);
         }
+        // No live key is under the old provider now: its epoch keys (HSM) go, here or
+        // at a later shred if the provider fails (the rotation itself is done).
+        st.abandoned.push(old);
+        let _ = self.retire_epochs(&mut st);
         Ok(RotationReport {
             old_kek_id: old_id,
             new_kek_id: new_id,
@@ -232,8 +356,9 @@ impl Keyring {
         self.provider.read().kek_id()
     }
 
+    /// Live data keys (as of the last keystore change; never waits for the keyring).
     pub fn live_keys(&self) -> usize {
-        self.store.lock().ks.len()
+        self.live.load(Ordering::Relaxed)
     }
 }
 

@@ -48,6 +48,22 @@ fn dek_context(segment_id: u64, dek_id: u64) -> [u8; 26] {
 
 const META_CONTEXT: &[u8] = b"cinder keystore meta";
 
+/// Re-wraps one entry's data key (of the keystore at `path`) from `old` to `new`.
+fn rewrap_entry(
+    path: &Path,
+    e: &mut KeyEntry,
+    old: &dyn KeyProvider,
+    new: &dyn KeyProvider,
+) -> Result<()> {
+    let ctx = dek_context(e.segment_id, e.dek_id);
+    let dek = old
+        .unwrap(&e.wrapped, &ctx)?
+        .ok_or_else(|| Error::corruption(path, 0, CorruptionKind::AuthenticationFailed))?;
+    e.wrapped = new.wrap(&dek, &ctx)?;
+    e.kek_id = new.kek_id();
+    Ok(())
+}
+
 impl KeyStore {
     pub fn path_in(dir: &Path) -> PathBuf {
         dir.join(FILE_NAME)
@@ -204,18 +220,42 @@ impl KeyStore {
         }
     }
 
+    /// Re-wraps a copy of the entries of the keystore at `path` under `new` (no
+    /// keystore change; see [`apply_rewrap`](Self::apply_rewrap)). Entries that fail are
+    /// left out: one shredded meanwhile may have lost its epoch key (HSM), and one that
+    /// is still live is tried again, and its error reported, by `apply_rewrap`.
+    pub fn rewrapped(
+        path: &Path,
+        entries: BTreeMap<u64, KeyEntry>,
+        old: &dyn KeyProvider,
+        new: &dyn KeyProvider,
+    ) -> BTreeMap<u64, KeyEntry> {
+        entries
+            .into_iter()
+            .filter_map(|(id, mut e)| rewrap_entry(path, &mut e, old, new).ok().map(|()| (id, e)))
+            .collect()
+    }
+
     /// Re-wraps every data key under `new` (in memory; persist under `new` to make it
-    /// count). All or nothing: on an error the entries are unchanged. Returns the ids of
-    /// the segments whose keys were re-wrapped.
-    pub fn rewrap_all(&mut self, old: &dyn KeyProvider, new: &dyn KeyProvider) -> Result<Vec<u64>> {
+    /// count), taking the re-wrapped copy from `done` for every entry it holds (same
+    /// segment and data key) and re-wrapping the rest (created since) now. All or
+    /// nothing: on an error the entries are unchanged. Returns the ids of the segments
+    /// whose keys were re-wrapped.
+    pub fn apply_rewrap(
+        &mut self,
+        done: &BTreeMap<u64, KeyEntry>,
+        old: &dyn KeyProvider,
+        new: &dyn KeyProvider,
+    ) -> Result<Vec<u64>> {
         let mut next = self.entries.clone();
         for e in next.values_mut() {
-            let ctx = dek_context(e.segment_id, e.dek_id);
-            let dek = old.unwrap(&e.wrapped, &ctx)?.ok_or_else(|| {
-                Error::corruption(&self.path, 0, CorruptionKind::AuthenticationFailed)
-            })?;
-            e.wrapped = new.wrap(&dek, &ctx)?;
-            e.kek_id = new.kek_id();
+            match done.get(&e.segment_id) {
+                Some(d) if d.dek_id == e.dek_id && d.kek_id == new.kek_id() => {
+                    e.wrapped.clone_from(&d.wrapped);
+                    e.kek_id = d.kek_id;
+                }
+                _ => rewrap_entry(&self.path, e, old, new)?,
+            }
         }
         let ids = next.keys().copied().collect();
         self.entries = next;

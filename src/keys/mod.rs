@@ -54,9 +54,20 @@ pub trait KeyProvider: Send + Sync + std::fmt::Debug {
 
     /// Called after keys were shredded durably, with every wrapped key still live (the
     /// data keys, and the meta key of the keystore on disk): a provider with destroyable
-    /// key-encryption keys destroys those no live key needs.
-    /// Returns the ids (epochs) destroyed.
-    fn retire(&self, _live: &[&[u8]]) -> Result<Vec<u64>> {
-        Ok(Vec::new())
+    /// key-encryption keys destroys those no live key needs (never the current epoch's).
+    /// Pushes the id (epoch) of each onto `destroyed` as soon as it is gone, so that an
+    /// error part way still reports (and the key audit log records) what was destroyed;
+    /// the store calls `retire` again after an error.
+    fn retire(&self, _live: &[&[u8]], _destroyed: &mut Vec<u64>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called when the store stopped using this provider: a master-key rotation moved
+    /// every data key and the keystore to another one. A provider with destroyable
+    /// key-encryption keys destroys every one it holds for this store, the current
+    /// epoch's included, pushing each id onto `destroyed` as in
+    /// [`retire`](Self::retire); the store calls it again after an error.
+    fn retire_all(&self, _destroyed: &mut Vec<u64>) -> Result<()> {
+        Ok(())
     }
 }

@@ -412,6 +412,27 @@ impl Pkcs11KeyProvider {
     }
 }
 
+impl Pkcs11KeyProvider {
+    /// Destroys every epoch key of this provider's label that `keep` does not keep,
+    /// pushing each epoch onto `destroyed` once it is gone.
+    fn destroy_epochs(&self, keep: impl Fn(u64) -> bool, destroyed: &mut Vec<u64>) -> Result<()> {
+        for epoch in self.epochs()? {
+            if keep(epoch) {
+                continue;
+            }
+            self.with_session(|c| {
+                if let Some(h) = self.epoch_key(c, epoch, false)? {
+                    c.session.destroy_object(h).map_err(|e| ck(&e))?;
+                }
+                c.keys.remove(&epoch);
+                Ok(())
+            })?;
+            destroyed.push(epoch);
+        }
+        Ok(())
+    }
+}
+
 impl KeyProvider for Pkcs11KeyProvider {
     fn kek_id(&self) -> u64 {
         self.id
@@ -487,23 +508,13 @@ impl KeyProvider for Pkcs11KeyProvider {
         Some(Pkcs11KeyProvider::current_epoch(self))
     }
 
-    fn retire(&self, live: &[&[u8]]) -> Result<Vec<u64>> {
+    fn retire(&self, live: &[&[u8]], destroyed: &mut Vec<u64>) -> Result<()> {
         let current = self.current_epoch();
         let keep: BTreeSet<u64> = live.iter().filter_map(|w| Self::epoch_in(w)).collect();
-        let mut destroyed = Vec::new();
-        for epoch in self.epochs()? {
-            if epoch >= current || keep.contains(&epoch) {
-                continue;
-            }
-            self.with_session(|c| {
-                if let Some(h) = self.epoch_key(c, epoch, false)? {
-                    c.session.destroy_object(h).map_err(|e| ck(&e))?;
-                }
-                c.keys.remove(&epoch);
-                Ok(())
-            })?;
-            destroyed.push(epoch);
-        }
-        Ok(destroyed)
+        self.destroy_epochs(|e| e >= current || keep.contains(&e), destroyed)
+    }
+
+    fn retire_all(&self, destroyed: &mut Vec<u64>) -> Result<()> {
+        self.destroy_epochs(|_| false, destroyed)
     }
 }

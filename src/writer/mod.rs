@@ -4,10 +4,12 @@
 //! Appenders reserve an offset under a short lock, seal their frame *outside* any lock
 //! (the offset is the nonce), and hand the sealed bytes back. One writer thread writes
 //! contiguous runs of frames with one `pwrite` per segment, fsyncs once for everyone
-//! waiting, seals full segments and keeps a spare segment ready so rotation never waits
-//! for a keystore write on the hot path.
+//! waiting and seals full segments. The key worker (`keywork`) keeps a spare segment
+//! ready and records sealed lengths in the keystore, so neither a rotation nor a commit
+//! round waits for a keystore write.
 
 mod bucket;
+mod keywork;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -92,9 +94,10 @@ struct State {
     pending_bytes: u64,
     /// A spare is being created in the foreground (by the writer or an appender).
     creating: bool,
-    /// A spare is being created and zero-filled by the background maker thread.
+    /// A spare is being made by the key worker (created, then maybe zero-filled).
     prefilling: bool,
-    maker: Option<JoinHandle<()>>,
+    /// ... and it is being zero-filled now (a rotation does not wait for that).
+    zeroing: bool,
     /// The highest segment id taken into use (spares are offered only above it).
     newest_used: u64,
     /// Spares are not zero-filled before this (rotations outran the zeroing).
@@ -102,6 +105,26 @@ struct State {
     /// No spare is made in the background before this (after the disk or the quota
     /// refused one: appenders report that when they need a segment).
     spare_retry_at: Option<Instant>,
+    /// Why the key worker's last spare could not be made (until its next try): acks
+    /// that need a segment get it.
+    spare_error: Option<Error>,
+    /// Final lengths of sealed segments, for the key worker to record in the keystore.
+    sealed: Vec<(u64, u64)>,
+    /// Recording them failed: tried again then.
+    sealed_retry_at: Option<Instant>,
+    /// The key worker is recording sealed lengths (the lock dropped).
+    recording: bool,
+    /// Rounds of work the key worker has finished (for `settle_key_work`).
+    keys_rounds: u64,
+    /// The writer thread has stopped: the key worker records what is left and exits.
+    keys_stop: bool,
+    /// A round left acks queued for want of an ack segment (refused, or waiting for the
+    /// key worker): the next round comes as soon as one is in reach, whatever the
+    /// durability mode.
+    acks_deferred: bool,
+    /// ... waiting for the key worker's spare: its outcome, a spare or a refusal, is
+    /// due to those acks' waiters at once (refused acks wait for the next outcome).
+    acks_await_worker: bool,
 }
 
 #[derive(Debug, Default)]
@@ -152,6 +175,9 @@ pub struct Writer {
     /// Called with segment ids whose live count may have reached zero.
     on_dead: OnceLock<Callback>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The key worker sleeps here (on `state`).
+    keys_work: Condvar,
+    keys_thread: Mutex<Option<JoinHandle<()>>>,
     stopped: std::sync::atomic::AtomicBool,
     /// The last rotation replaced a full segment: zero-fill the next spare.
     rotating_full: std::sync::atomic::AtomicBool,
@@ -208,21 +234,30 @@ impl Writer {
             disk_used: AtomicU64::new(used),
             on_dead: OnceLock::new(),
             thread: Mutex::new(None),
+            keys_work: Condvar::new(),
+            keys_thread: Mutex::new(None),
             stopped: std::sync::atomic::AtomicBool::new(false),
             rotating_full: std::sync::atomic::AtomicBool::new(false),
             round_bytes: AtomicU64::new(0),
         })
     }
 
-    /// Starts the writer thread.
+    /// Starts the writer thread and the key worker.
     pub fn start(self: &Arc<Self>, on_dead: Box<dyn Fn() + Send + Sync>) -> Result<()> {
         let _ = self.on_dead.set(Callback(on_dead));
+        self.start_key_worker()?;
         let me = Arc::clone(self);
         let h = std::thread::Builder::new()
             .name("cinder-writer".into())
             .spawn(move || me.run())
-            .map_err(|e| Error::io("spawn writer thread", "", e))?;
-        *self.thread.lock() = Some(h);
+            .map_err(|e| Error::io("spawn writer thread", "", e));
+        match h {
+            Ok(h) => *self.thread.lock() = Some(h),
+            Err(e) => {
+                self.stop_key_worker();
+                return Err(e);
+            }
+        }
         Ok(())
     }
 
@@ -246,6 +281,7 @@ impl Writer {
         self.wake_parked();
         self.moved.notify_all();
         self.work.notify_all();
+        self.keys_work.notify_all();
     }
 
     // ----- reservation (API threads) -----
@@ -330,7 +366,7 @@ impl Writer {
                         self.close_locked(&mut st, id);
                     }
                 }
-                let Some(seg) = self.take_spare(&mut st)? else {
+                let Some(seg) = self.take_spare(&mut st, true)? else {
                     continue;
                 };
                 st.buckets.insert(bucket, seg.id);
@@ -355,19 +391,28 @@ impl Writer {
         }
     }
 
-    /// Takes the spare segment, or creates one (dropping the lock while the keystore is
-    /// written). `None` means the lock was dropped: the caller must re-check its state.
-    /// A spare still being zero-filled in the background is not waited for: this creates
-    /// one without zeroing (a rotation must not wait a whole segment's write). Rotations
-    /// are then outrunning the zeroing, whose segment is refused (`offer_spare`): zeroing
-    /// pauses for `ZERO_FILL_PAUSE` instead of being written for nothing every rotation.
-    fn take_spare(&self, st: &mut MutexGuard<'_, State>) -> Result<Option<Arc<Segment>>> {
+    /// Takes the spare segment, or, with `may_create`, creates one (dropping the lock
+    /// while the keystore is written). `None` means there is no spare yet: without
+    /// `may_create`, nothing was done; with it, the lock was dropped and the caller must
+    /// re-check its state. A spare the key worker is creating is waited for; one it is
+    /// zero-filling is not: this creates one without zeroing (a rotation must not wait a
+    /// whole segment's write). Rotations are then outrunning the zeroing, whose segment
+    /// is refused (`offer_spare`): zeroing pauses for `ZERO_FILL_PAUSE` instead of being
+    /// written for nothing every rotation.
+    fn take_spare(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        may_create: bool,
+    ) -> Result<Option<Arc<Segment>>> {
         if let Some(s) = st.spare.take() {
             st.newest_used = st.newest_used.max(s.id);
-            self.work.notify_one(); // make the next spare
+            self.keys_work.notify_one(); // make the next spare
             return Ok(Some(s));
         }
-        if st.creating {
+        if !may_create {
+            return Ok(None);
+        }
+        if st.creating || (st.prefilling && !st.zeroing) {
             self.moved.wait_for(st, Duration::from_millis(20));
             return Ok(None);
         }
@@ -400,6 +445,7 @@ impl Writer {
     fn offer_spare(&self, st: &mut State, seg: Arc<Segment>) {
         if st.spare.is_none() && seg.id > st.newest_used {
             st.spare = Some(seg);
+            st.spare_error = None;
         } else {
             let id = seg.id;
             st.actives
@@ -690,11 +736,9 @@ impl Writer {
         {
             let mut st = self.state.lock();
             st.shutdown = true;
-            // The spare is sealed too (empty), so no file is left half-initialised.
-            if let Some(spare) = st.spare.take() {
-                let now = self.clock.now_ms();
-                st.actives.insert(spare.id, Active::new(spare, None, now));
-            }
+            // The spare is left for the final round: acks still queued may need it for an
+            // ack segment, and the round then seals it (empty or not, `close_all`), so no
+            // file is left half-initialised.
             let ids: Vec<u64> = st.actives.keys().copied().collect();
             for id in ids {
                 self.close_locked(&mut st, id);
@@ -704,10 +748,8 @@ impl Writer {
         if let Some(h) = self.thread.lock().take() {
             let _ = h.join();
         }
-        let maker = self.state.lock().maker.take();
-        if let Some(h) = maker {
-            let _ = h.join();
-        }
+        // After the writer's last round: it hands over the lengths of what it sealed.
+        self.stop_key_worker();
         // An appender may still be creating a segment (keystore write) with the lock
         // dropped; the data dir must not be released under it, failed store or not
         // (`create_unlocked` always clears the flag, even on a panic).
@@ -750,6 +792,7 @@ impl Writer {
             let id = spare.id;
             st.actives.insert(id, Active::new(spare, None, now_ms));
             self.close_locked(&mut st, id);
+            self.keys_work.notify_one();
         }
     }
 
@@ -851,26 +894,16 @@ impl Writer {
         st.urgent = false;
         self.first_waiter_ns.store(0, Ordering::SeqCst);
         self.last_arrival_ns.store(0, Ordering::SeqCst);
-        self.ensure_spare(&mut st);
         let (ack_gen, ack_entries) = {
             let mut b = self.acks.lock();
             let gen = b.gen;
             b.gen += 1;
             (gen, std::mem::take(&mut b.entries))
         };
-        let paused = self.acks_paused(&st).filter(|_| !ack_entries.is_empty());
-        let (ack_frames, refused) = match paused {
-            Some(e) => (Vec::new(), Some((e, 0))),
-            None => self.reserve_acks(&mut st, &ack_entries),
-        };
-        let mut ack_entries = ack_entries;
-        let refused = refused.is_some_and(|(e, consumed)| {
-            let rest = ack_entries.split_off(consumed);
-            self.refuse_acks(&mut st, ack_gen, e, rest);
-            true
-        });
+        let (ack_frames, ack_entries, refused, deferred) =
+            self.place_acks(&mut st, ack_gen, ack_entries);
         // Every queued ack is reserved this round: the episode ends once they are durable.
-        let refusal_ends = !refused && !ack_entries.is_empty();
+        let refusal_ends = !refused && !deferred && !ack_entries.is_empty();
         if st.shutdown {
             self.close_all(&mut st);
         }
@@ -919,7 +952,7 @@ impl Writer {
         // protects nothing yet could be shredded by the reaper in between.
         self.apply_acks(&ack_entries, &ack_frames);
         self.seal_segments(to_seal, ws)?;
-        if (!is_async || need_sync) && !refused {
+        if (!is_async || need_sync) && !refused && !deferred {
             self.acks_done.fetch_max(ack_gen + 1, Ordering::SeqCst);
         }
         if self.refusing.load(Ordering::SeqCst) {
@@ -938,18 +971,54 @@ impl Writer {
         Ok(!shutdown)
     }
 
+    /// Places this round's ack entries (batch `gen`) in the ack segment. Entries left
+    /// over (no ack segment to be had now) go back to the front of the buffer: refused
+    /// (their waiters get the error) or waiting for the key worker's spare; either way
+    /// the batch is not done. Returns the frames, the entries they hold, and whether the
+    /// batch was refused or deferred.
+    fn place_acks(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        gen: u64,
+        mut entries: Vec<(u64, u64)>,
+    ) -> (Vec<AckFrame>, Vec<(u64, u64)>, bool, bool) {
+        st.acks_deferred = false;
+        st.acks_await_worker = false;
+        let paused = self.acks_paused(st).filter(|_| !entries.is_empty());
+        let (frames, stopped) = match paused {
+            Some(e) => (Vec::new(), Some((AckStop::Refused(e), 0))),
+            None => self.reserve_acks(st, &entries),
+        };
+        let Some((stop, consumed)) = stopped else {
+            return (frames, entries, false, false);
+        };
+        self.requeue_acks(entries.split_off(consumed));
+        st.acks_deferred = true;
+        match stop {
+            AckStop::Refused(e) => {
+                self.refuse_acks(gen, e);
+                (frames, entries, true, false)
+            }
+            AckStop::NoSegmentYet => {
+                st.acks_await_worker = true;
+                (frames, entries, false, true)
+            }
+        }
+    }
+
     /// Sleeps until there is something to do.
     fn wait_for_work(&self, st: &mut MutexGuard<'_, State>, ws: &WriterLocal) {
         let is_async = self.cfg.durability == Durability::Async;
         loop {
-            // Acks the disk refused a segment for wait for the retry time.
-            let acks_waiting =
-                self.acks_paused(st).is_none() && !self.acks.lock().entries.is_empty();
+            // Acks the disk refused a segment for wait for the key worker's next try;
+            // acks that need a new ack segment wait for its spare (or its refusal).
+            let acks_waiting = self.acks_paused(st).is_none()
+                && Self::ack_segment_in_reach(st)
+                && !self.acks.lock().entries.is_empty();
             let closing_ready = st.actives.values().any(Active::ready_to_seal);
             let sync_due = is_async
                 && st.pending_bytes == 0
                 && ws.last_sync.elapsed() >= self.cfg.async_sync_interval;
-            let spare_due = st.spare_retry_at.is_none_or(|t| Instant::now() >= t);
             // At shutdown, a spare being made (zero-filled in the background, or by an
             // appender with the lock dropped) is waited for and then sealed; its maker
             // wakes us.
@@ -959,7 +1028,9 @@ impl Writer {
                 || self.arrivals.load(Ordering::SeqCst) > 0
                 || (self.waiters.load(Ordering::SeqCst) > 0 && !ws.unsynced.is_empty())
                 || closing_ready
-                || (st.spare.is_none() && !st.creating && !st.prefilling && spare_due)
+                || (st.acks_deferred
+                    && Self::ack_segment_in_reach(st)
+                    && (st.acks_await_worker || self.acks_paused(st).is_none()))
                 || (!is_async && (st.pending_bytes > 0 || acks_waiting))
                 || (is_async && (st.pending_bytes >= ASYNC_WAKE_BYTES || sync_due));
             if want {
@@ -977,86 +1048,14 @@ impl Writer {
         }
     }
 
-    /// Creates the spare segment for the next rotation, off the appenders' path: here,
-    /// or on a maker thread when it is to be zero-filled (which takes a whole segment's
-    /// write). A full disk is not fatal here: appenders report it when they need a
-    /// segment.
-    fn ensure_spare(self: &Arc<Self>, st: &mut MutexGuard<'_, State>) {
-        if st.spare.is_some() || st.creating || st.prefilling || st.shutdown {
-            return;
-        }
-        if st.spare_retry_at.is_some_and(|t| Instant::now() < t) {
-            return;
-        }
-        st.spare_retry_at = None;
-        if self.cfg.zero_fill
-            && self.rotating_full.load(Ordering::Relaxed)
-            && self.round_bytes.load(Ordering::Relaxed) < ZERO_FILL_MAX_ROUND
-            && st
-                .zero_fill_paused_until
-                .is_none_or(|t| Instant::now() >= t)
-        {
-            st.prefilling = true;
-            let me = Arc::clone(self);
-            match std::thread::Builder::new()
-                .name("cinder-spare".into())
-                .spawn(move || me.make_zeroed_spare())
-            {
-                Ok(h) => {
-                    // The previous maker, if any, has offered its spare and is exiting:
-                    // dropping its handle detaches it (never joined under this lock).
-                    st.maker = Some(h);
-                    return;
-                }
-                // No thread to spare: make it here, without zeroing.
-                Err(_) => st.prefilling = false,
-            }
-        }
-        // A spare that could not be made (disk full, the key provider down, an I/O error
-        // creating it) is retried later; appenders report it when they need a segment.
-        match self.create_unlocked(st) {
-            Ok(s) => self.offer_spare(st, s),
-            Err(_) => st.spare_retry_at = Some(Instant::now() + SPARE_RETRY),
-        }
-    }
-
-    /// The maker thread: creates a segment, zero-fills it and offers it as the spare.
-    fn make_zeroed_spare(&self) {
-        // If this thread panics, the writer must not wait for its spare forever.
-        struct Panicked<'a>(&'a Writer);
-        impl Drop for Panicked<'_> {
-            fn drop(&mut self) {
-                if std::thread::panicking() {
-                    self.0.state.lock().prefilling = false;
-                    self.0.fail(&Error::WriterFailed {
-                        reason: "the spare-segment maker panicked".into(),
-                        cause: FailureCause::Internal,
-                    });
-                }
-            }
-        }
-        let _guard = Panicked(self);
-        // Zeroing is only an optimisation: a segment that failed part way is still a
-        // valid (preallocated) one, and real writes report real errors.
-        let r = self.create_segment().inspect(|seg| {
-            let _ = seg.zero_fill();
-        });
-        let mut st = self.state.lock();
-        st.prefilling = false;
-        match r {
-            Ok(seg) => self.offer_spare(&mut st, seg),
-            // Nothing was written that anyone waits on: retried later (invariant 11).
-            Err(_) => st.spare_retry_at = Some(Instant::now() + SPARE_RETRY),
-        }
-        self.work.notify_one();
-        self.moved.notify_all();
-    }
-
-    /// Reserves space for the ack frames in the active ack segment (rotating it when
-    /// full); the frames are sealed after the lock is dropped. If the disk (or the quota)
-    /// refuses a new ack segment, returns the frames reserved so far, the refusal and how
-    /// many entries those frames hold: the rest stay queued (a refused rotation is not a
-    /// failed write; nothing is lost, the acks wait for space like appends do).
+    /// Reserves space for the ack frames in the active ack segment (rotating it into the
+    /// spare when full); the frames are sealed after the lock is dropped. When no spare is
+    /// ready, returns the frames reserved so far, why it stopped and how many entries
+    /// those frames hold: the rest stay queued. The key worker may still be making the
+    /// spare (the acks wait for it: the writer's round never writes the keystore), or the
+    /// disk (or the quota) refused it: a refused rotation is not a failed write; nothing
+    /// is lost, the acks wait for space like appends do. At shutdown the spare is made
+    /// here.
     fn reserve_acks(
         &self,
         st: &mut MutexGuard<'_, State>,
@@ -1078,18 +1077,27 @@ impl Writer {
                     self.rotating_full.store(true, Ordering::Relaxed);
                     self.close_locked(st, old);
                 }
-                match self.take_spare(st) {
+                let at_shutdown = st.shutdown;
+                match self.take_spare(st, at_shutdown) {
                     Ok(Some(seg)) => {
                         seg.has_acks.store(true, Ordering::SeqCst);
                         st.ack_seg = Some(seg.id);
                         let now = self.clock.now_ms();
                         st.actives.insert(seg.id, Active::new(seg, None, now));
                     }
-                    Ok(None) => {}
+                    Ok(None) if at_shutdown => {}
                     // A segment that could not be made (disk full, the key provider, an
                     // I/O error creating it) wrote nothing anyone waits on: refuse these
                     // acks and retry, never fail the store for it.
-                    Err(e) => return (frames, Some((e, consumed))),
+                    Ok(None) => {
+                        let stop = match &st.spare_error {
+                            Some(e) => AckStop::Refused(e.replicate()),
+                            None => AckStop::NoSegmentYet,
+                        };
+                        self.keys_work.notify_one();
+                        return (frames, Some((stop, consumed)));
+                    }
+                    Err(e) => return (frames, Some((AckStop::Refused(e), consumed))),
                 }
             };
             let a = st.actives.get_mut(&id).expect("ack segment is active");
@@ -1103,39 +1111,44 @@ impl Writer {
         (frames, None)
     }
 
-    /// After an ack segment was refused, acks wait for the spare retry time (there is no
-    /// ack segment until one can be made); the refusal, while they wait. At shutdown they
-    /// are tried once more.
+    /// After an ack segment was refused, acks wait for the key worker's next try (there
+    /// is no ack segment until one can be made); the refusal, while they wait. At
+    /// shutdown they are tried once more.
     fn acks_paused(&self, st: &State) -> Option<Error> {
-        if st.shutdown || st.ack_seg.is_some() {
-            return None;
-        }
-        if st.spare_retry_at.is_none_or(|t| Instant::now() >= t) {
+        if st.shutdown || st.ack_seg.is_some() || st.spare.is_some() || st.spare_error.is_none() {
             return None;
         }
         self.refusals.lock().queued.as_ref().map(Error::replicate)
     }
 
-    /// No ack segment could be made: the entries not yet reserved go back to the front
-    /// of the ack buffer, batch `gen`'s waiters get the refusal, and acks are not tried
-    /// again before the spare retry time.
-    fn refuse_acks(&self, st: &mut State, gen: u64, err: Error, rest: Vec<(u64, u64)>) {
-        {
-            let mut b = self.acks.lock();
-            let later = std::mem::replace(&mut b.entries, rest);
-            b.entries.extend(later);
+    /// Whether a round could place acks now: an ack segment or a spare is there, the
+    /// key worker's refusal is there to report, or it is shutdown (the spare is made in
+    /// the round then).
+    fn ack_segment_in_reach(st: &State) -> bool {
+        st.ack_seg.is_some() || st.spare.is_some() || st.spare_error.is_some() || st.shutdown
+    }
+
+    /// Puts ack entries not placed this round back at the front of the ack buffer.
+    fn requeue_acks(&self, rest: Vec<(u64, u64)>) {
+        if rest.is_empty() {
+            return;
         }
-        {
-            let mut r = self.refusals.lock();
-            let first = r.gens.map_or(gen, |g| g.0);
-            r.gens = Some((first, gen));
-            r.queued = Some(err);
-            self.refusing.store(true, Ordering::SeqCst);
-        }
-        let now = Instant::now();
-        if st.spare_retry_at.is_none_or(|t| t <= now) {
-            st.spare_retry_at = Some(now + SPARE_RETRY);
-        }
+        let mut b = self.acks.lock();
+        let later = std::mem::replace(&mut b.entries, rest);
+        b.entries.extend(later);
+    }
+
+    /// No ack segment could be made: batch `gen`'s waiters get the refusal (its entries
+    /// not yet placed are queued again, `requeue_acks`), and so do those of earlier
+    /// batches still not written (left waiting for the key worker's spare).
+    fn refuse_acks(&self, gen: u64, err: Error) {
+        let mut r = self.refusals.lock();
+        let first = r
+            .gens
+            .map_or_else(|| self.acks_done.load(Ordering::SeqCst).min(gen), |g| g.0);
+        r.gens = Some((first, gen));
+        r.queued = Some(err);
+        self.refusing.store(true, Ordering::SeqCst);
     }
 
     /// At shutdown: closes every active segment, and the spare (sealed empty).
@@ -1212,8 +1225,8 @@ impl Writer {
         Ok(())
     }
 
-    /// Seals closed segments: seal frame, cut the preallocation, fsync, map, and record
-    /// the final length in the keystore.
+    /// Seals closed segments: seal frame, cut the preallocation, fsync, map; the key
+    /// worker records the final lengths in the keystore.
     fn seal_segments(&self, to_seal: Vec<(Arc<Segment>, u64)>, ws: &mut WriterLocal) -> Result<()> {
         let mut sealed_lens = Vec::new();
         for (seg, tail) in to_seal {
@@ -1236,7 +1249,7 @@ impl Writer {
             sealed_lens.push((seg.id, end));
         }
         if !sealed_lens.is_empty() {
-            self.keyring.mark_sealed(&sealed_lens)?;
+            self.hand_over_sealed(sealed_lens);
             self.poke_reaper();
         }
         Ok(())
@@ -1335,8 +1348,18 @@ struct Refusals {
 type Run = (Arc<Segment>, u64, Vec<Vec<u8>>);
 /// An ack frame to seal: (ack segment, offset, acked ids).
 type AckFrame = (Arc<Segment>, u64, Vec<u64>);
-/// Ack frames reserved, and a refusal with the number of entries those frames hold.
-type AckReservation = (Vec<AckFrame>, Option<(Error, usize)>);
+/// Ack frames reserved, and why placing acks stopped early with the number of entries
+/// those frames hold.
+type AckReservation = (Vec<AckFrame>, Option<(AckStop, usize)>);
+
+/// Why a round placed only some of the queued acks.
+#[derive(Debug)]
+enum AckStop {
+    /// No ack segment could be made: the waiters get this error.
+    Refused(Error),
+    /// The key worker is still making the spare: the acks wait for it.
+    NoSegmentYet,
+}
 
 /// State only the writer thread touches.
 #[derive(Debug)]
