@@ -229,7 +229,10 @@ impl Store {
             rec.keystore.time_floor_ms,
         ));
         let next_id = Arc::new(AtomicU64::new(rec.next_id));
-        let last_rotation_ms = rec.last_rotation_ms.unwrap_or_else(|| clock.now_ms());
+        // A rotation time past the clock (a forged or damaged record) must not put the
+        // next automatic rotation off: no later than now.
+        let now = clock.now_ms();
+        let last_rotation_ms = rec.last_rotation_ms.map_or(now, |t| t.min(now));
         let keyring = Arc::new(Keyring::new(
             (&dir, Arc::clone(&opts.file_system)),
             (rec.keystore, rec.audit),

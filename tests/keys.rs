@@ -15,6 +15,23 @@ use cinder::{
 
 const HOUR: Duration = Duration::from_secs(3600);
 
+/// Automatic rotation every hour to fresh key files under `dir` (k-0, k-1, ...), and the
+/// count of keys it made.
+fn hourly_rotation(dir: PathBuf) -> (AutoRotation, Arc<std::sync::atomic::AtomicU64>) {
+    let made = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = made.clone();
+    let auto = AutoRotation {
+        every: HOUR,
+        next_key: Arc::new(move || {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let p: Arc<dyn KeyProvider> =
+                Arc::new(FileKeyProvider::create(dir.join(format!("k-{n}")))?);
+            Ok(p)
+        }),
+    };
+    (auto, made)
+}
+
 fn key(dir: &Path, name: &str) -> Arc<FileKeyProvider> {
     Arc::new(FileKeyProvider::open_or_create(dir.join(name), true).unwrap())
 }
@@ -270,19 +287,7 @@ fn automatic_rotation_follows_its_interval_across_restarts() {
     let data = tmp.path().join("data");
     let clock = ManualClock::new(1_000_000);
     let keys_dir = tmp.path().join("rotated");
-    let made = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let auto = {
-        let (keys_dir, made) = (keys_dir.clone(), made.clone());
-        AutoRotation {
-            every: HOUR,
-            next_key: Arc::new(move || {
-                let n = made.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let p: Arc<dyn KeyProvider> =
-                    Arc::new(FileKeyProvider::create(keys_dir.join(format!("k-{n}")))?);
-                Ok(p)
-            }),
-        }
-    };
+    let (auto, made) = hourly_rotation(keys_dir.clone());
     let mut o = opts(&k1);
     o.clock = clock.clone();
     o.auto_rotation = Some(auto.clone());
@@ -583,4 +588,49 @@ fn a_failing_automatic_rotation_does_not_hold_up_shredding() {
     let err = s.maintain().unwrap_err();
     assert!(err.to_string().contains("key service"), "{err}");
     assert!(s.stats().shreds > 0, "rotation failure stopped shredding");
+}
+
+/// A master-key rotation record dated far in the future, appended to the key audit log
+/// by someone who can write the data dir (past the keystore's anchor, the chain is not
+/// keyed yet), must not put automatic rotation off: the last rotation is taken as no
+/// later than now. Before the fix the store waited 100 days for its next rotation.
+#[test]
+fn a_rotation_record_from_the_future_does_not_suppress_automatic_rotation() {
+    use cinder::format::audit::{decode_log, encode_record};
+    let tmp = tempfile::tempdir().unwrap();
+    let k1 = key(tmp.path(), "k1");
+    let data = tmp.path().join("data");
+    let clock = ManualClock::new(1_000_000);
+    let (auto, made) = hourly_rotation(tmp.path().join("rotated"));
+    let mut o = opts(&k1);
+    o.clock = clock.clone();
+    o.auto_rotation = Some(auto.clone());
+    let s = Store::open(&data, o).unwrap();
+    s.append(b"q", b"m", HOUR * 100).unwrap();
+    s.close().unwrap();
+    drop(s);
+    let log_path = data.join("KEYS.audit");
+    let mut bytes = std::fs::read(&log_path).unwrap();
+    let log = decode_log(&bytes).unwrap();
+    let future = cinder::Clock::now_ms(&*clock) + 100 * 24 * 3_600_000;
+    bytes.extend_from_slice(&encode_record(
+        &log.head(),
+        log.records.len() as u64,
+        future,
+        AuditEvent::MasterKeyRotated,
+        k1.kek_id(),
+        k1.kek_id(),
+    ));
+    std::fs::write(&log_path, &bytes).unwrap();
+    let mut o = opts(&k1);
+    o.clock = clock.clone();
+    o.auto_rotation = Some(auto);
+    let s = Store::open(&data, o).unwrap();
+    clock.advance(HOUR + Duration::from_secs(1));
+    s.maintain().unwrap();
+    assert_eq!(
+        made.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the forged future rotation record put automatic rotation off"
+    );
 }
