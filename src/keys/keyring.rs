@@ -317,10 +317,10 @@ impl Keyring {
                 .ok()
                 .and_then(|b| crate::format::keystore::KeystoreImage::decode(&b).ok())
                 .map(|img| img.kek_id);
-            if on_disk == Some(new_id) {
-                // Rotated on disk all the same: the old provider is done with.
-                st.abandoned.push(old);
-            } else {
+            // Renamed into place but maybe not durable (the dir fsync failed): a power
+            // cut could still bring back the keystore under the old provider, so its
+            // epoch keys are not retired (they linger; see engine-format.md).
+            if on_disk != Some(new_id) {
                 st.ks.restore_entries(before);
                 *self.provider.write() = old;
                 st.abandoned.extend(revived);
