@@ -44,6 +44,14 @@ pub enum CorruptionKind {
     /// at that point hashes differently: records were removed from its end, or it was
     /// replaced by another log.
     AuditLogBehindKeystore { records: u64, anchored: u64 },
+    /// The key audit log holds records written before keystore write `log_generation`,
+    /// which can only be appended after write `log_generation - 1` succeeded, but the
+    /// keystore is at `generation`, two or more writes behind: the keystore was
+    /// replaced by an older copy (which may hold keys shredded since).
+    KeystoreRolledBack {
+        generation: u64,
+        log_generation: u64,
+    },
 }
 
 impl std::fmt::Display for CorruptionKind {
@@ -81,6 +89,10 @@ impl std::fmt::Display for CorruptionKind {
             Self::AuditLogBehindKeystore { records, anchored } => write!(
                 f,
                 "key audit log does not match the keystore: it has {records} records, the keystore vouches for {anchored} ending in a hash the log does not have there (records removed or the log replaced)"
+            ),
+            Self::KeystoreRolledBack { generation, log_generation } => write!(
+                f,
+                "the keystore was rolled back: it is write {generation}, but the key audit log has records of write {log_generation} (an older copy of KEYS was put in place; it may hold keys shredded since)"
             ),
         }
     }

@@ -11,7 +11,9 @@ use crate::error::{CorruptionKind, Error, Result};
 use crate::format::audit::AuditEvent;
 use crate::format::segment_header::SegmentHeader;
 use crate::fsutil;
-use crate::keys::audit::{KeyAudit, FILE_NAME as AUDIT_FILE};
+use crate::keys::audit::{
+    AuditCheck, KeyAudit, ARCHIVE_V1 as AUDIT_ARCHIVE, FILE_NAME as AUDIT_FILE,
+};
 use crate::keys::keystore::{KeyStore, FILE_NAME as KEYSTORE_FILE};
 use crate::keys::KeyProvider;
 use crate::options::RecoveryMode;
@@ -55,6 +57,9 @@ pub struct RecoveryReport {
     /// The key audit log was started at this open (a new store, or one written by a
     /// version without it).
     pub audit_log_created: bool,
+    /// The key audit log was upgraded to a keyed one at this open (a store from format
+    /// version 3 or earlier): the old log is kept as `KEYS.audit.v1`.
+    pub audit_log_upgraded: bool,
     /// This open finished a master-key rotation a crash had interrupted: (old KEK id, new
     /// KEK id). The keystore was under the old key; see `Options::previous_key_provider`.
     pub master_key_rotated: Option<(u64, u64)>,
@@ -121,11 +126,14 @@ fn list_dir(fs: &dyn FileSystem, dir: &Path) -> Result<Listing> {
             // no file and is dropped below.
             fs.remove_file(&path)
                 .map_err(|e| Error::io("remove temp segment", &path, e))?;
-        } else if name == format!("{KEYSTORE_FILE}.tmp") || name == format!("{AUDIT_FILE}.tmp") {
+        } else if name == format!("{KEYSTORE_FILE}.tmp")
+            || name == format!("{AUDIT_FILE}.tmp")
+            || name == format!("{AUDIT_ARCHIVE}.tmp")
+        {
             // An interrupted keystore write: the rename never happened, the old file rules.
             fs.remove_file(&path)
                 .map_err(|e| Error::io("remove temp keystore", &path, e))?;
-        } else if name != KEYSTORE_FILE && name != AUDIT_FILE && name != "LOCK" {
+        } else if ![KEYSTORE_FILE, AUDIT_FILE, AUDIT_ARCHIVE, "LOCK"].contains(&name.as_str()) {
             l.unknown.push(path);
         }
     }
@@ -142,7 +150,7 @@ fn load_keystore(
     match KeyStore::load(fs, dir, provider)? {
         Some(ks) => Ok(ks),
         None if !has_segments => {
-            let mut ks = KeyStore::new_empty(dir);
+            let mut ks = KeyStore::new_empty(dir)?;
             ks.persist(fs, provider)?;
             Ok(ks)
         }
@@ -221,6 +229,11 @@ pub fn recover(
     max_shred_delay_ms: u64,
 ) -> Result<Recovered> {
     let listing = list_dir(&**fs, dir)?;
+    // A keystore rename an earlier process made visible but could not make durable (its
+    // directory fsync failed) is made durable now, before any audit record of a later
+    // write names its generation: otherwise a power cut could bring back the older
+    // keystore next to those records, which reads as a keystore rolled back.
+    fsutil::sync_dir(&**fs, dir)?;
     let mut report = RecoveryReport {
         unknown_files: listing.unknown,
         ..RecoveryReport::default()
@@ -229,11 +242,25 @@ pub fn recover(
     // The engine's time: never before the time the store persisted last (a clock set
     // back after a persisted forward jump; see `options::EngineClock`).
     let now_ms = now_ms.max(ks.time_floor_ms);
-    let (mut audit, found) = KeyAudit::open(fs, dir, ks.audit_anchor, mode)?;
+    // A keystore from format version 3 or earlier has no audit key: the log is upgraded
+    // to a keyed one under a new key, which the keystore written below keeps.
+    let upgrade = ks.audit_key.is_none();
+    let audit_key = match &ks.audit_key {
+        Some(k) => Arc::clone(k),
+        None => Arc::new(Dek::generate()?),
+    };
+    let check = AuditCheck {
+        anchor: ks.audit_anchor,
+        generation: ks.generation(),
+        key: &audit_key,
+        upgrade,
+    };
+    let (mut audit, found) = KeyAudit::open(fs, dir, &check, mode)?;
+    ks.audit_key = Some(audit_key);
     report.audit_torn_tail_cut = found.torn_tail_cut;
     report.audit_log_created = found.created;
+    report.audit_log_upgraded = found.upgraded;
     let last_rotation_ms = found.last_rotation_ms;
-    // Keys dropped because their file never came to be are shredded too: audited.
     let mut events = Vec::new();
     let unkeyed = reconcile(
         (dir, &mut ks),
@@ -251,7 +278,7 @@ pub fn recover(
         events.push((AuditEvent::DekUnwrapped, id, ks.kek_of(id).unwrap_or(0)));
         work.push((id, listing.segments[&id].clone(), dek, ks.sealed_len(id)));
     }
-    audit.append(&events, now_ms)?;
+    audit.append(&events, now_ms, ks.generation() + 1)?;
     let scanned = scan_all(fs, work, mode)?;
     let (segments, messages, max_id) =
         rebuild(scanned, &mut ks, &mut report, (now_ms, max_shred_delay_ms));

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cinder::vfs::{Fault, FaultFs, FaultKind, Op};
 use cinder::{
     AuditEvent, AutoRotation, CorruptionKind, Error, FileKeyProvider, KeyProvider, ManualClock,
     Options, Store,
@@ -93,8 +94,11 @@ fn the_audit_log_records_every_key_event_and_matches_the_keystore() {
     assert!(cinder::verify(&data, &*k).unwrap().is_clean());
 }
 
+const HEADER: usize = cinder::format::audit::HEADER_LEN;
+const RECORD: usize = cinder::format::audit::RECORD_LEN;
+
 fn record_range(i: usize) -> std::ops::Range<usize> {
-    16 + i * 72..16 + (i + 1) * 72
+    HEADER + i * RECORD..HEADER + (i + 1) * RECORD
 }
 
 fn assert_open_refuses(data: &Path, k: &Arc<FileKeyProvider>, what: &str) {
@@ -129,14 +133,14 @@ fn edits_removals_reordering_and_truncation_of_the_audit_log_are_detected() {
     let data = busy_store(tmp.path(), &k);
     let path = data.join("KEYS.audit");
     let good = std::fs::read(&path).unwrap();
-    let n = (good.len() - 16) / 72;
+    let n = (good.len() - HEADER) / RECORD;
     assert!(n >= 6, "only {n} records");
     let rec = |i: usize| good[record_range(i)].to_vec();
 
     let mut edited = good.clone();
     edited[record_range(2).start + 24] ^= 1; // the subject of record 2
-    let mut removed = good[..16].to_vec();
-    let mut swapped = good[..16].to_vec();
+    let mut removed = good[..HEADER].to_vec();
+    let mut swapped = good[..HEADER].to_vec();
     for i in 0..n {
         if i != 3 {
             removed.extend(rec(i));
@@ -160,11 +164,15 @@ fn edits_removals_reordering_and_truncation_of_the_audit_log_are_detected() {
             let log = cinder::key_audit_log(&data, Some(&*k as &dyn KeyProvider)).unwrap();
             assert_eq!(log.matches_keystore, Some(false), "{what}");
         } else {
-            // The chain alone shows it, without any key.
+            // The macs show it, with the master key (which opens the audit key).
             assert!(
-                cinder::key_audit_log(&data, None).is_err(),
+                cinder::key_audit_log(&data, Some(&*k as &dyn KeyProvider)).is_err(),
                 "{what}: chain still verifies"
             );
+            // Without a key the sequence numbers still show a removal or a reordering.
+            if what != "edit" {
+                assert!(cinder::key_audit_log(&data, None).is_err(), "{what}");
+            }
         }
         assert_open_refuses(&data, &k, what);
     }
@@ -247,17 +255,26 @@ fn a_rotation_interrupted_before_its_rename_resumes_with_the_previous_key() {
     }
     s.close().unwrap();
     drop(s);
-    // The state "crashed after writing KEYS.tmp and the audit records, before the rename":
-    // run the rotation in a copy, then put its new keystore next to the old one as the
-    // temp file, and its longer audit log in place.
-    let done = tmp.path().join("done");
-    copy_dir(&data, &done);
-    let s = Store::open(&done, opts(&k1)).unwrap();
-    s.rotate_master_key(k2.clone()).unwrap();
-    s.close().unwrap();
+    // The state "crashed after writing KEYS.tmp and the audit records, before the rename",
+    // made through the I/O seam: the rotation's keystore rename fails, then the power goes.
+    let fs = Arc::new(FaultFs::new(&data).unwrap());
+    let mut o = opts(&k1);
+    o.file_system = fs.clone();
+    let s = Store::open(&data, o).unwrap();
+    s.flush().unwrap(); // the key worker's own keystore writes (a spare) are done
+                        // During a rotation the only rename under a `KEYS` name is the keystore's.
+    fs.inject(Fault::nth(Op::Rename, 1, FaultKind::Io).on("KEYS"));
+    assert!(s.rotate_master_key(k2.clone()).is_err());
+    fs.crash_now();
     drop(s);
-    std::fs::copy(done.join("KEYS"), data.join("KEYS.tmp")).unwrap();
-    std::fs::copy(done.join("KEYS.audit"), data.join("KEYS.audit")).unwrap();
+    fs.crash_image().write_to(&data).unwrap();
+    let rotated = cinder::key_audit_log(&data, None).unwrap().records;
+    assert!(
+        rotated
+            .iter()
+            .any(|r| r.event == AuditEvent::MasterKeyRotated),
+        "the rotation's records reached the log before the cut"
+    );
 
     // With the new key alone: a clear error naming the key the keystore expects.
     match Store::open(&data, opts(&k2)) {
@@ -314,16 +331,6 @@ fn automatic_rotation_follows_its_interval_across_restarts() {
     s.maintain().unwrap();
     assert_eq!(made.load(std::sync::atomic::Ordering::SeqCst), 2);
     assert_eq!(s.read(b"q", None, 10).unwrap().len(), 1);
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_name() != "LOCK" {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
 }
 
 // ----- SIGKILL during rotations under load -----
@@ -591,12 +598,14 @@ fn a_failing_automatic_rotation_does_not_hold_up_shredding() {
 }
 
 /// A master-key rotation record dated far in the future, appended to the key audit log
-/// by someone who can write the data dir (past the keystore's anchor, the chain is not
-/// keyed yet), must not put automatic rotation off: the last rotation is taken as no
-/// later than now. Before the fix the store waited 100 days for its next rotation.
+/// by someone who can write the data dir but cannot read the keystore (so not the audit
+/// key: the record is chained under a key of their own), must not put automatic
+/// rotation off. Before the chain was keyed, such a record past the anchor was taken as
+/// genuine (then anchored by the next keystore write) and the store waited 100 days for
+/// its next rotation; now it does not verify: cut at open, refused in strict mode.
 #[test]
 fn a_rotation_record_from_the_future_does_not_suppress_automatic_rotation() {
-    use cinder::format::audit::{decode_log, encode_record};
+    use cinder::format::audit::{decode_log, encode_record, RecordFields};
     let tmp = tempfile::tempdir().unwrap();
     let k1 = key(tmp.path(), "k1");
     let data = tmp.path().join("data");
@@ -611,21 +620,39 @@ fn a_rotation_record_from_the_future_does_not_suppress_automatic_rotation() {
     drop(s);
     let log_path = data.join("KEYS.audit");
     let mut bytes = std::fs::read(&log_path).unwrap();
-    let log = decode_log(&bytes).unwrap();
+    let log = decode_log(&bytes, None).unwrap();
+    let last = log.records.last().unwrap();
     let future = cinder::Clock::now_ms(&*clock) + 100 * 24 * 3_600_000;
-    bytes.extend_from_slice(&encode_record(
-        &log.head(),
-        log.records.len() as u64,
-        future,
-        AuditEvent::MasterKeyRotated,
-        k1.kek_id(),
-        k1.kek_id(),
-    ));
+    let forged = RecordFields {
+        seq: log.records.len() as u64,
+        time_ms: future,
+        event: AuditEvent::MasterKeyRotated,
+        subject: k1.kek_id(),
+        key_id: k1.kek_id(),
+        generation: last.generation + 1,
+    };
+    bytes.extend_from_slice(&encode_record(&[0x42; 32], &last.hash, &forged));
     std::fs::write(&log_path, &bytes).unwrap();
+    // Strict mode refuses a record past the anchor that does not verify.
+    let mut o = opts(&k1);
+    o.clock = clock.clone();
+    o.recovery = cinder::RecoveryMode::Strict;
+    match Store::open(&data, o) {
+        Err(Error::Corruption {
+            kind: CorruptionKind::AuditChainBroken { seq },
+            ..
+        }) => assert_eq!(seq, forged.seq),
+        other => panic!("strict open took the forged record: {other:?}"),
+    }
     let mut o = opts(&k1);
     o.clock = clock.clone();
     o.auto_rotation = Some(auto);
     let s = Store::open(&data, o).unwrap();
+    assert_eq!(
+        s.recovery_report().audit_torn_tail_cut,
+        RECORD,
+        "cut at open"
+    );
     clock.advance(HOUR + Duration::from_secs(1));
     s.maintain().unwrap();
     assert_eq!(

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::format::audit::{decode_log, AuditEvent, AuditRecord};
+use crate::format::audit::{decode_log, log_version, v1, AuditEvent, AuditRecord};
 use crate::format::keystore::KeystoreImage;
 use crate::keys::audit::KeyAudit;
 use crate::keys::keystore::KeyStore;
@@ -21,6 +21,13 @@ pub struct KeyAuditLog {
     /// With the key: whether the log reaches the point the keystore vouches for
     /// (`None` without a key, or for a keystore from before the log existed).
     pub matches_keystore: Option<bool>,
+    /// Every record's mac was checked under the audit key (with the master key, for a
+    /// keyed log). Without it only the structure is checked: sequence numbers, events,
+    /// the order of keystore generations.
+    pub verified: bool,
+    /// The log's version: 2 (keyed) or 1 (a store not yet opened by a build that writes
+    /// format version 4; its unkeyed chain is checked in full, without a key).
+    pub version: u32,
 }
 
 /// Reads and checks the key audit log of `dir`. A record that does not chain to the one
@@ -30,17 +37,30 @@ pub struct KeyAuditLog {
 pub fn key_audit_log(dir: &Path, provider: Option<&dyn KeyProvider>) -> Result<KeyAuditLog> {
     let path = KeyAudit::path_in(dir);
     let bytes = std::fs::read(&path).map_err(|e| Error::io("read key audit log", &path, e))?;
-    let log = decode_log(&bytes).map_err(|e| e.into_error(&path, 0))?;
-    let matches_keystore = match provider {
+    let ks = match provider {
         None => None,
-        Some(p) => KeyStore::load(&crate::vfs::RealFs, dir, p)?
-            .and_then(|ks| ks.audit_anchor)
-            .map(|a| log.reaches(a)),
+        Some(p) => KeyStore::load(&crate::vfs::RealFs, dir, p)?,
     };
+    let version = log_version(&bytes).unwrap_or(0);
+    let log = if version == 1 {
+        v1::decode_log(&bytes)
+    } else {
+        let key = ks.as_ref().and_then(|k| k.audit_key.as_ref());
+        decode_log(&bytes, key.map(|k| k.expose()))
+    }
+    .map_err(|e| e.into_error(&path, 0))?;
+    // A keyed log next to a keystore without an audit key (an upgrade cut short): the
+    // keystore's anchor is into the archived log, not this one.
+    let matches_keystore = ks
+        .filter(|ks| version == 1 || ks.audit_key.is_some())
+        .and_then(|ks| ks.audit_anchor)
+        .map(|a| log.reaches(a));
     Ok(KeyAuditLog {
         records: log.records,
         torn_tail: log.torn_tail,
         matches_keystore,
+        verified: log.verified,
+        version,
     })
 }
 

@@ -41,9 +41,13 @@ pub(crate) fn list(dir: &Path) -> Result<Listing> {
             l.segments.insert(id, path);
         } else if name == KEYSTORE_FILE {
             l.keystore = Some(path);
-        } else if name == "LOCK" || name == crate::keys::audit::FILE_NAME {
+        } else if name == "LOCK"
+            || name == crate::keys::audit::FILE_NAME
+            || name == crate::keys::audit::ARCHIVE_V1
+        {
         } else if name == format!("{KEYSTORE_FILE}.tmp")
             || name == format!("{}.tmp", crate::keys::audit::FILE_NAME)
+            || name == format!("{}.tmp", crate::keys::audit::ARCHIVE_V1)
             || name
                 .strip_suffix(".tmp")
                 .and_then(segment::parse_file_name)

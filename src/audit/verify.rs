@@ -378,10 +378,11 @@ fn check_tail(
     }
 }
 
-/// The key audit log: every record chains to the one before, and the log reaches the
-/// point the (authenticated) keystore vouches for.
+/// The key audit log: every record verifies under the audit key and chains to the one
+/// before, the log reaches the point the (authenticated) keystore vouches for, and no
+/// record names a keystore write the keystore is two or more behind (rolled back).
 fn check_audit_log(cx: &mut Ctx, dir: &Path, ks: Option<&KeyStore>) {
-    use crate::format::audit::{decode_log, HEADER_LEN, RECORD_LEN};
+    use crate::format::audit::{decode_log, log_version, v1, AuditEvent, HEADER_LEN, RECORD_LEN};
     let path = crate::keys::audit::KeyAudit::path_in(dir);
     let anchor = ks.and_then(|k| k.audit_anchor);
     let bytes = match std::fs::read(&path) {
@@ -406,43 +407,100 @@ fn check_audit_log(cx: &mut Ctx, dir: &Path, ks: Option<&KeyStore>) {
             return;
         }
     };
-    let log = match decode_log(&bytes) {
+    let version = log_version(&bytes);
+    let key = ks.and_then(|k| k.audit_key.as_ref());
+    if version == Some(2) && ks.is_some() && key.is_none() {
+        upgrade_cut_short(cx, dir, &path);
+        return;
+    }
+    let (log, sizes) = match version {
+        Some(1) => (v1::decode_log(&bytes), (v1::HEADER_LEN, v1::RECORD_LEN)),
+        _ => (
+            decode_log(&bytes, key.map(|k| k.expose())),
+            (HEADER_LEN, RECORD_LEN),
+        ),
+    };
+    let log = match log {
         Ok(l) => l,
         Err(e) => {
             let Error::Corruption { offset, kind, .. } = e.into_error(&path, 0) else {
                 cx.problem(&path, Some(8), "key audit log of an unknown version");
                 return;
             };
-            cx.problem(&path, Some(offset), kind.to_string());
+            let past_anchor = (sizes.0 + anchor.map_or(0, |a| a.0 as usize) * sizes.1) as u64;
+            if offset >= past_anchor && key.is_some() {
+                // What the keystore does not vouch for yet: an append a crash cut short,
+                // or records that do not verify (never used; the next open cuts them).
+                cx.note(
+                    &path,
+                    Some(offset),
+                    format!("records past the keystore's anchor do not check ({kind}); the next open cuts them"),
+                );
+            } else {
+                cx.problem(&path, Some(offset), kind.to_string());
+            }
             return;
         }
     };
-    // Only records the keystore vouches for: a shred logs its record before the keystore
-    // without the key is written, so a real one is always within the anchor (records past
-    // it are an interrupted append, or forged: the chain itself is not keyed).
-    let vouched = anchor.map_or(0, |(n, _)| n as usize);
+    if version == Some(1) {
+        cx.note(
+            &path,
+            None,
+            "key audit log of format version 3 or earlier (unkeyed); the next open archives it and starts a keyed one",
+        );
+    } else if key.is_none() {
+        cx.note(
+            &path,
+            None,
+            "audit log macs not checked (no audit key in the keystore)",
+        );
+    }
+    // A shred logs its record before the keystore without the key is written: records
+    // the keystore vouches for, and (with a keyed log whose macs verified) records past
+    // it, which the next open finishes.
+    let trusted = if log.verified && version != Some(1) {
+        log.records.len()
+    } else {
+        anchor.map_or(0, |(n, _)| n as usize)
+    };
     cx.shredded.extend(
         log.records
             .iter()
-            .take(vouched)
-            .filter(|r| r.event == crate::format::audit::AuditEvent::DekShredded)
+            .take(trusted)
+            .filter(|r| r.event == AuditEvent::DekShredded)
             .map(|r| r.subject),
     );
     let records = log.records.len() as u64;
     if log.torn_tail > 0 {
         cx.note(
             &path,
-            Some(HEADER_LEN as u64 + records * RECORD_LEN as u64),
+            Some((sizes.0 + records as usize * sizes.1) as u64),
             format!(
                 "torn last record ({} bytes) of an interrupted append (recovery cuts it)",
                 log.torn_tail
             ),
         );
     }
+    let keyed = log.verified && version != Some(1);
+    check_against_keystore(cx, &path, &log, ks, anchor, keyed);
+    check_archived_log(cx, dir, log.predecessor);
+}
+
+/// The log against the keystore: it reaches the anchor, and (macs verified) no record
+/// names a keystore write two or more past the keystore's.
+fn check_against_keystore(
+    cx: &mut Ctx,
+    path: &Path,
+    log: &crate::format::audit::AuditLog,
+    ks: Option<&KeyStore>,
+    anchor: Option<(u64, [u8; 32])>,
+    keyed: bool,
+) {
+    let records = log.records.len() as u64;
     if let Some(a @ (n, _)) = anchor {
         if !log.reaches(a) {
             cx.problem(
-                &path,
+                path,
                 None,
                 CorruptionKind::AuditLogBehindKeystore {
                     records,
@@ -451,5 +509,81 @@ fn check_audit_log(cx: &mut Ctx, dir: &Path, ks: Option<&KeyStore>) {
                 .to_string(),
             );
         }
+    }
+    if let (Some(ks), true) = (ks, keyed) {
+        if let Some(r) = log
+            .records
+            .iter()
+            .find(|r| r.generation >= ks.generation().saturating_add(2))
+        {
+            cx.problem(
+                path,
+                None,
+                CorruptionKind::KeystoreRolledBack {
+                    generation: ks.generation(),
+                    log_generation: r.generation,
+                }
+                .to_string(),
+            );
+        }
+    }
+}
+
+/// A keyed log next to a keystore without an audit key: an upgrade cut short before its
+/// keystore write. Nothing in this log can be checked or trusted; the archive's chain can.
+fn upgrade_cut_short(cx: &mut Ctx, dir: &Path, path: &Path) {
+    cx.note(
+        path,
+        None,
+        "an upgrade to a keyed audit log was cut short; the next open redoes it from KEYS.audit.v1",
+    );
+    check_archived_log(cx, dir, (u64::MAX, [0; 32]));
+}
+
+/// The version-1 log archived at the upgrade (`KEYS.audit.v1`): it must chain and end
+/// where the keyed log's header says its predecessor ended.
+fn check_archived_log(cx: &mut Ctx, dir: &Path, (count, head): (u64, [u8; 32])) {
+    use crate::format::audit::v1;
+    let path = dir.join(crate::keys::audit::ARCHIVE_V1);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if count > 0 {
+                cx.problem(
+                    &path,
+                    None,
+                    format!("archived key audit log missing; the keyed log continues one of {count} records"),
+                );
+            }
+            return;
+        }
+        Err(e) => {
+            cx.problem(
+                &path,
+                None,
+                format!("cannot read the archived key audit log: {e}"),
+            );
+            return;
+        }
+    };
+    match v1::decode_log(&bytes) {
+        Ok(l) if count == u64::MAX => {
+            let _ = l; // only the chain is checked: no keyed log names the archive's end yet
+        }
+        Ok(l) if l.records.len() as u64 == count && l.head() == head && l.torn_tail == 0 => {}
+        Ok(l) => cx.problem(
+            &path,
+            None,
+            format!(
+                "archived key audit log has {} records; the keyed log continues one of {count} with another last hash",
+                l.records.len()
+            ),
+        ),
+        Err(e) => match e.into_error(&path, 0) {
+            Error::Corruption { offset, kind, .. } => {
+                cx.problem(&path, Some(offset), kind.to_string());
+            }
+            other => cx.problem(&path, None, other.to_string()),
+        },
     }
 }

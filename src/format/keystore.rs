@@ -16,9 +16,11 @@ const CRC_AT: usize = 44;
 /// Fixed bytes of an entry before its wrapped key: segment id, dek id, kek id, sealed
 /// length, wrapped-key length.
 pub const ENTRY_FIXED: usize = 34;
-/// Plaintext of the sealed meta block: id floor, time floor, and the key audit log's
-/// anchor (record count, last record's hash).
-pub const META_PLAIN_LEN: usize = 56;
+/// Plaintext of the sealed meta block: id floor, time floor, the key audit log's anchor
+/// (record count, last record's mac) and the audit log's key.
+pub const META_PLAIN_LEN: usize = 88;
+/// The meta block's plaintext in format version 3 (no audit key).
+pub const META_PLAIN_LEN_V3: usize = 56;
 /// The meta block's plaintext in format version 2 (no audit anchor).
 pub const META_PLAIN_LEN_V2: usize = 16;
 /// Sealed meta block: plaintext plus tag.
@@ -56,10 +58,10 @@ pub struct KeystoreImage {
 
 /// Length of the sealed meta block in a keystore of format `version`.
 pub fn meta_sealed_len(version: u32) -> usize {
-    if version <= 2 {
-        META_PLAIN_LEN_V2 + super::frame::TAG_LEN
-    } else {
-        META_SEALED_LEN
+    match version {
+        ..=2 => META_PLAIN_LEN_V2 + super::frame::TAG_LEN,
+        3 => META_PLAIN_LEN_V3 + super::frame::TAG_LEN,
+        _ => META_SEALED_LEN,
     }
 }
 
@@ -199,7 +201,7 @@ fn check_wrapped_len(len: usize, at: usize) -> Result<(), FormatError> {
 }
 
 /// What the sealed meta block holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct KeystoreMeta {
     /// Every message id ever issued is below this or inside a live segment.
     pub id_floor: u64,
@@ -208,30 +210,51 @@ pub struct KeystoreMeta {
     /// The key audit log had this many records, the last one hashing to `audit_head`,
     /// when the keystore was written (`None` in a version-2 keystore).
     pub audit: Option<(u64, [u8; 32])>,
+    /// The key of the audit log's macs (`None` before version 4).
+    pub audit_key: Option<[u8; 32]>,
 }
 
-/// Encodes the meta block's plaintext (current version).
+impl std::fmt::Debug for KeystoreMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeystoreMeta")
+            .field("id_floor", &self.id_floor)
+            .field("time_floor_ms", &self.time_floor_ms)
+            .field("audit", &self.audit)
+            .field("audit_key", &self.audit_key.map(|_| "<secret>"))
+            .finish()
+    }
+}
+
+/// Encodes the meta block's plaintext (current version). The caller zeroizes it.
 pub fn encode_meta(m: &KeystoreMeta) -> [u8; META_PLAIN_LEN] {
     let mut b = [0u8; META_PLAIN_LEN];
     b[..8].copy_from_slice(&m.id_floor.to_le_bytes());
     b[8..16].copy_from_slice(&m.time_floor_ms.to_le_bytes());
     let (count, head) = m.audit.unwrap_or((0, [0; 32]));
     b[16..24].copy_from_slice(&count.to_le_bytes());
-    b[24..].copy_from_slice(&head);
+    b[24..56].copy_from_slice(&head);
+    b[56..].copy_from_slice(&m.audit_key.unwrap_or([0; 32]));
     b
 }
 
-/// Decodes the meta block's plaintext: 56 bytes (version 3) or 16 (version 2).
+/// Decodes the meta block's plaintext: 88 bytes (version 4), 56 (version 3) or 16
+/// (version 2).
 pub fn decode_meta(b: &[u8]) -> KeystoreMeta {
-    let audit = (b.len() >= META_PLAIN_LEN).then(|| {
+    let audit = (b.len() >= META_PLAIN_LEN_V3).then(|| {
         let mut head = [0u8; 32];
         head.copy_from_slice(&b[24..56]);
         (get_u64(b, 16), head)
+    });
+    let audit_key = (b.len() >= META_PLAIN_LEN).then(|| {
+        let mut k = [0u8; 32];
+        k.copy_from_slice(&b[56..88]);
+        k
     });
     KeystoreMeta {
         id_floor: get_u64(b, 0),
         time_floor_ms: get_u64(b, 8),
         audit,
+        audit_key,
     }
 }
 
@@ -295,8 +318,11 @@ mod tests {
             id_floor: 5,
             time_floor_ms: 6,
             audit: Some((7, [8; 32])),
+            audit_key: Some([9; 32]),
         };
         assert_eq!(decode_meta(&encode_meta(&m)), m);
+        let v3 = decode_meta(&encode_meta(&m)[..META_PLAIN_LEN_V3]);
+        assert_eq!((v3.audit, v3.audit_key), (m.audit, None));
         let v2 = decode_meta(&encode_meta(&m)[..META_PLAIN_LEN_V2]);
         assert_eq!((v2.id_floor, v2.time_floor_ms, v2.audit), (5, 6, None));
     }

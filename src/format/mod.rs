@@ -11,8 +11,9 @@ pub mod segment_header;
 use crate::error::CorruptionKind;
 
 /// The on-disk format version this build writes. Version 3 added the key audit log's
-/// anchor to the keystore's sealed meta block; segments are the same as in version 2.
-pub const FORMAT_VERSION: u32 = 3;
+/// anchor to the keystore's sealed meta block; version 4 added the audit log's key to it
+/// (and keyed the log's chain). Segments are the same as in version 2.
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format version this build still reads (and rewrites as the current one).
 pub const MIN_READ_VERSION: u32 = 2;
 
@@ -177,6 +178,9 @@ mod doc_consts {
         );
         assert_eq!(documented("AAD_LEN"), frame::AAD_LEN as u64);
         assert_eq!(documented("AUDIT_RECORD_LEN"), audit::RECORD_LEN as u64);
+        assert_eq!(documented("AUDIT_HEADER_LEN"), audit::HEADER_LEN as u64);
+        assert_eq!(documented("AUDIT_KEY_LEN"), audit::AUDIT_KEY_LEN as u64);
+        assert_eq!(documented("AUDIT_VERSION"), u64::from(audit::AUDIT_VERSION));
         assert_eq!(
             documented("PKCS11_WRAPPED_LEN"),
             crate::keys::pkcs11::WRAPPED_LEN as u64

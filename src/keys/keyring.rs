@@ -88,8 +88,9 @@ impl Keyring {
     fn persist(&self, st: &mut KeyState, events: &[Event]) -> Result<()> {
         self.live.store(st.ks.len(), Ordering::Relaxed);
         let now = self.clock.now_ms();
+        let generation = st.ks.generation() + 1;
         if st.unaudited.is_empty() {
-            st.audit.append(events, now)?;
+            st.audit.append(events, now, generation)?;
         } else {
             // Records owed from an earlier write whose audit append failed go first; once
             // appended they are never queued again (a failed keystore write after it
@@ -97,7 +98,7 @@ impl Keyring {
             let mut all = std::mem::take(&mut st.unaudited);
             let owed = all.len();
             all.extend_from_slice(events);
-            if let Err(e) = st.audit.append(&all, now) {
+            if let Err(e) = st.audit.append(&all, now, generation) {
                 all.truncate(owed);
                 st.unaudited = all;
                 return Err(e);

@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::KeyProvider;
 use crate::crypto::{Dek, SealKey, TAG_LEN};
@@ -33,6 +34,10 @@ pub struct KeyStore {
     /// The key audit log's (record count, last hash) this keystore vouches for: read at
     /// load (`None` from a version-2 keystore), set by the keyring before each persist.
     pub audit_anchor: Option<(u64, [u8; 32])>,
+    /// The key of the audit log's macs: random, made once (a new store, or the upgrade
+    /// of one from format version 3 or earlier, which has none) and kept in every
+    /// keystore written since, master-key rotations included.
+    pub audit_key: Option<Arc<Dek>>,
     /// The wrapped one-time meta key of the keystore on disk (empty before the first
     /// write): a provider with destroyable epochs must keep the key that opens it.
     meta_wrapped: Vec<u8>,
@@ -69,9 +74,9 @@ impl KeyStore {
         dir.join(FILE_NAME)
     }
 
-    /// A fresh, empty keystore (not yet persisted).
-    pub fn new_empty(dir: &Path) -> Self {
-        KeyStore {
+    /// A fresh, empty keystore (not yet persisted), with a new audit key.
+    pub fn new_empty(dir: &Path) -> Result<Self> {
+        Ok(KeyStore {
             path: Self::path_in(dir),
             generation: 0,
             next_segment_id: 1,
@@ -79,8 +84,14 @@ impl KeyStore {
             id_floor: 1,
             time_floor_ms: 0,
             audit_anchor: None,
+            audit_key: Some(Arc::new(Dek::generate()?)),
             meta_wrapped: Vec::new(),
-        }
+        })
+    }
+
+    /// The generation of the keystore on disk (+1 at every write).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Loads the keystore, or `None` if the file does not exist. Checks that `provider`
@@ -116,7 +127,11 @@ impl KeyStore {
         if !SealKey::new(&meta_key).open([0; 12], &img.meta_aad(), plain.as_mut(), &tag) {
             return Err(auth());
         }
-        let meta = fmt::decode_meta(&plain);
+        let mut meta = fmt::decode_meta(&plain);
+        let audit_key = meta
+            .audit_key
+            .map(|k| Arc::new(Dek::from_bytes(&Zeroizing::new(k))));
+        meta.audit_key.zeroize();
         let mut entries = BTreeMap::new();
         for e in img.entries {
             if e.segment_id >= img.next_segment_id || entries.contains_key(&e.segment_id) {
@@ -139,6 +154,7 @@ impl KeyStore {
             id_floor: meta.id_floor,
             time_floor_ms: meta.time_floor_ms,
             audit_anchor: meta.audit,
+            audit_key,
             meta_wrapped: img.meta_wrapped_key,
         }))
     }
@@ -300,6 +316,17 @@ impl KeyStore {
     /// Writes the keystore crash-safely (temp file, fsync, rename, fsync dir) under a new
     /// generation number.
     pub fn persist(&mut self, fs: &dyn FileSystem, provider: &dyn KeyProvider) -> Result<()> {
+        let Some(audit_key) = &self.audit_key else {
+            // Recovery gives every keystore its audit key before the first write.
+            return Err(Error::corruption(
+                &self.path,
+                0,
+                CorruptionKind::BadField {
+                    field: "keystore audit key (missing)",
+                    value: 0,
+                },
+            ));
+        };
         let generation = self.generation + 1;
         let meta_key = Dek::generate()?;
         let mut img = KeystoreImage {
@@ -311,14 +338,17 @@ impl KeyStore {
             meta_wrapped_key: provider.wrap(&meta_key, META_CONTEXT)?,
             meta_sealed: vec![0; META_SEALED_LEN],
         };
-        let mut plain = fmt::encode_meta(&KeystoreMeta {
+        let mut meta = KeystoreMeta {
             id_floor: self.id_floor,
             time_floor_ms: self.time_floor_ms,
             audit: self.audit_anchor,
-        });
+            audit_key: Some(*audit_key.expose()),
+        };
+        let mut plain = Zeroizing::new(fmt::encode_meta(&meta));
+        meta.audit_key.zeroize();
         // The meta key is fresh for every write, so the fixed nonce is never reused.
-        let tag = SealKey::new(&meta_key).seal([0; 12], &img.meta_aad(), &mut plain);
-        img.meta_sealed[..META_PLAIN_LEN].copy_from_slice(&plain);
+        let tag = SealKey::new(&meta_key).seal([0; 12], &img.meta_aad(), &mut plain[..]);
+        img.meta_sealed[..META_PLAIN_LEN].copy_from_slice(&plain[..]);
         img.meta_sealed[META_PLAIN_LEN..].copy_from_slice(&tag);
         fsutil::replace_file(fs, &self.path, &img.encode())?;
         self.generation = generation;

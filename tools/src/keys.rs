@@ -240,7 +240,8 @@ fn audit(dir: &std::path::Path, key_file: Option<&PathBuf>, as_json: bool) -> Re
             .collect();
         println!(
             "{}",
-            json!({"ok": ok, "records": recs, "torn_tail": log.torn_tail, "matches_keystore": log.matches_keystore})
+            json!({"ok": ok, "records": recs, "torn_tail": log.torn_tail, "matches_keystore": log.matches_keystore,
+                   "verified": log.verified, "log_version": log.version})
         );
         return Ok(ok);
     }
@@ -254,7 +255,14 @@ fn audit(dir: &std::path::Path, key_file: Option<&PathBuf>, as_json: bool) -> Re
             hex(r.key_id)
         );
     }
-    println!("chain: ok ({} records)", log.records.len());
+    if log.verified {
+        println!("chain: ok ({} records)", log.records.len());
+    } else {
+        println!(
+            "chain: structure ok ({} records); macs not checked (give --key-file to check them)",
+            log.records.len()
+        );
+    }
     if log.torn_tail > 0 {
         println!(
             "note: a torn last record ({} bytes) of an interrupted append",

@@ -401,12 +401,21 @@ fn keys_status_rotate_and_audit() {
     assert!(events.contains(&"master-key-rotated"), "{events:?}");
     assert!(events.contains(&"dek-rewrapped"), "{events:?}");
 
-    // An edited record: `keys audit` and `verify` both say where.
+    assert_eq!(v["verified"], true);
+    // An edited record (the key id of record 1): with the master key, `keys audit` and
+    // `verify` both say where; without it the macs cannot be checked, and it says so.
     let log = f.dir.join("KEYS.audit");
     let mut b = fs::read(&log).unwrap();
-    b[16 + 72 + 30] ^= 1;
+    let (header, record) = (
+        cinder::format::audit::HEADER_LEN,
+        cinder::format::audit::RECORD_LEN,
+    );
+    b[header + record + 34] ^= 1;
     fs::write(&log, &b).unwrap();
-    let (code, _, err) = run(&["keys", "audit", dir]);
+    let (code, out, _) = run(&["keys", "audit", dir]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("macs not checked"), "{out}");
+    let (code, _, err) = run(&["keys", "audit", dir, "--key-file", new]);
     assert_eq!(code, 1);
     assert!(
         err.contains("KEYS.audit") && err.contains("chain broken"),
