@@ -306,6 +306,11 @@ impl Store {
         };
         // Shred what recovery found dead before serving.
         gc::shred_dead(&inner, inner.now_ms())?;
+        // Keys left in an epoch that ended while the store was closed move on now (HSM);
+        // a token error here is reported like any maintenance error, not as a failed open.
+        if let Err(e) = inner.keyring.roll_epochs() {
+            *inner.last_gc_error.lock() = Some(e.to_string());
+        }
         if inner.opts.background_reaper {
             store.spawn("cinder-reaper", gc::run_reaper)?;
             store.spawn("cinder-compactor", gc::run_compactor)?;

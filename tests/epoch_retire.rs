@@ -4,7 +4,8 @@
 //! disk. Otherwise an epoch that wraps only the keystore meta (a keystore written just
 //! before an epoch boundary) is destroyed, and that keystore can never be opened again.
 //! A retire that fails part way is audited for what it destroyed and retried; a provider
-//! a master-key rotation moved away from retires all its epochs.
+//! a master-key rotation moved away from retires all its epochs; a key that outlives its
+//! epoch is moved into the current one, so it does not keep the old one alive.
 //! A provider with epochs over a key file stands in for the HSM here.
 
 use std::path::PathBuf;
@@ -278,4 +279,83 @@ fn rotating_back_to_a_provider_stops_retiring_it() {
     store.close().unwrap();
     drop(store);
     Store::open(&dir, options(&p, &clock)).unwrap();
+}
+
+/// A key that lives longer than its epoch (a long TTL) is re-wrapped into the current
+/// epoch at the first maintenance pass after its own is over, so that epoch can be
+/// retired: otherwise one long-lived key keeps its whole epoch, and every key shredded in
+/// it, openable from an old keystore copy for as long as that key lives. Before epochs
+/// rolled, the keystore still held the key in its creation epoch an hour later.
+#[test]
+fn a_long_lived_key_leaves_its_epoch_once_that_is_over() {
+    let (_tmp, clock, dir, p, store) = setup();
+    store
+        .append(b"long", b"kept for days", Duration::from_secs(100 * 3600))
+        .unwrap();
+    store.flush().unwrap();
+    let first = p.current_epoch().unwrap();
+    clock.advance(Duration::from_millis(EPOCH_MS));
+    store.maintain().unwrap();
+    let now = p.current_epoch().unwrap();
+    assert_eq!(now, first + 1);
+    let img = KeystoreImage::decode(&std::fs::read(dir.join("KEYS")).unwrap()).unwrap();
+    let epochs: Vec<u64> = img
+        .entries
+        .iter()
+        .map(|e| p.epoch_of(&e.wrapped).unwrap())
+        .collect();
+    assert!(
+        !epochs.is_empty() && epochs.iter().all(|&e| e == now),
+        "live keys still in an epoch that is over: {epochs:?} (now {now})"
+    );
+    assert_eq!(p.epoch_of(&img.meta_wrapped_key), Some(now));
+    let rolled: Vec<(u64, u64)> = cinder::key_audit_log(&dir, None)
+        .unwrap()
+        .records
+        .iter()
+        .filter(|r| r.event == AuditEvent::EpochRolled)
+        .map(|r| (r.subject, r.key_id))
+        .collect();
+    assert_eq!(rolled, vec![(first, now)]);
+    // Nothing more to move within the epoch: no keystore write per pass.
+    let records = cinder::key_audit_log(&dir, None).unwrap().records.len();
+    clock.advance(Duration::from_secs(1));
+    store.maintain().unwrap();
+    assert_eq!(
+        cinder::key_audit_log(&dir, None).unwrap().records.len(),
+        records
+    );
+    // The message reads, before and after a reopen.
+    assert_eq!(store.read(b"long", None, 10).unwrap().len(), 1);
+    store.close().unwrap();
+    drop(store);
+    let store = Store::open(&dir, options(&p, &clock)).unwrap();
+    assert_eq!(store.read(b"long", None, 10).unwrap().len(), 1);
+}
+
+/// A store closed when its keys' epoch ends moves them at the open itself, before any
+/// maintenance pass (the embedder may run none for a while). Before the open rolled,
+/// the keys stayed in the old epoch until the first `maintain`.
+#[test]
+fn keys_of_an_epoch_that_ended_while_the_store_was_closed_move_at_open() {
+    let (_tmp, clock, dir, p, store) = setup();
+    store
+        .append(b"long", b"kept for days", Duration::from_secs(100 * 3600))
+        .unwrap();
+    store.close().unwrap();
+    drop(store);
+    clock.advance(Duration::from_millis(EPOCH_MS));
+    let now = p.current_epoch().unwrap();
+    let store = Store::open(&dir, options(&p, &clock)).unwrap();
+    let img = KeystoreImage::decode(&std::fs::read(dir.join("KEYS")).unwrap()).unwrap();
+    let epochs: Vec<u64> = img
+        .entries
+        .iter()
+        .map(|e| p.epoch_of(&e.wrapped).unwrap())
+        .collect();
+    assert!(
+        epochs.iter().all(|&e| e == now),
+        "keys left in an epoch that is over after the open: {epochs:?} (now {now})"
+    );
+    assert_eq!(store.read(b"long", None, 10).unwrap().len(), 1);
 }

@@ -394,3 +394,70 @@ fn hsm_wrap_rate() {
     let unwrap = f64::from(n) / t.elapsed().as_secs_f64();
     println!("SoftHSM2: {wrap:.0} wraps/s, {unwrap:.0} unwraps/s");
 }
+
+/// One message with a long TTL must not keep its epoch's key alive: the short-lived
+/// segments of the same hour are acked and shredded, the hour ends, and the epoch key is
+/// destroyed at the next maintenance pass (the long-lived key moved into the current
+/// epoch), so a backup taken while they were live no longer opens. Before epochs rolled,
+/// the long-TTL key pinned epoch 50000 (and with it every key shredded in that hour) for
+/// its 100 hours.
+#[test]
+fn a_long_ttl_key_does_not_keep_its_epoch_alive() {
+    let Some(h) = hsm() else { return };
+    let _g = serial();
+    let clock = ManualClock::new(50_000 * 3600 * 1000);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let p = provider(h, TOKENS[1], &clock);
+    let s = Store::open(&data, opts(&p, &clock)).unwrap();
+    s.append(b"long", b"kept for days", HOUR * 100).unwrap();
+    let short: Vec<_> = (0..60u32)
+        .map(|i| s.append(b"short", &[i as u8; 900], HOUR).unwrap())
+        .collect();
+    s.close().unwrap();
+    drop(s);
+    let backup = tmp.path().join("backup");
+    std::fs::create_dir(&backup).unwrap();
+    for e in std::fs::read_dir(&data).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "LOCK" {
+            std::fs::copy(e.path(), backup.join(e.file_name())).unwrap();
+        }
+    }
+    // Still in epoch 50000: the short messages are acked and their segments shredded.
+    clock.advance(Duration::from_secs(60));
+    let s = Store::open(&data, opts(&p, &clock)).unwrap();
+    assert_eq!(s.ack_batch(b"short", &short).unwrap(), 60);
+    for _ in 0..4 {
+        clock.advance(Duration::from_secs(1));
+        s.maintain().unwrap();
+    }
+    assert!(
+        p.epochs().unwrap().contains(&50_000),
+        "the long key's epoch"
+    );
+    // The hour ends: the next passes move the long-lived key on and retire the epoch.
+    clock.advance(HOUR);
+    for _ in 0..4 {
+        clock.advance(Duration::from_secs(1));
+        s.maintain().unwrap();
+    }
+    assert!(
+        !p.epochs().unwrap().contains(&50_000),
+        "a long-TTL key kept its epoch key alive: {:?}",
+        p.epochs()
+    );
+    assert_eq!(s.read(b"long", None, 10).unwrap().len(), 1);
+    drop(s);
+    let s = Store::open(&data, opts(&p, &clock)).unwrap();
+    assert_eq!(s.read(b"long", None, 10).unwrap().len(), 1);
+    drop(s);
+    // The backup's keys were all wrapped in epoch 50000: nothing in it opens.
+    match Store::open(&backup, opts(&p, &clock)) {
+        Err(Error::Hsm {
+            kind: HsmFailure::EpochKeyDestroyed,
+            ..
+        }) => {}
+        other => panic!("a backup from the destroyed epoch opened: {other:?}"),
+    }
+}

@@ -61,6 +61,9 @@ pub enum AuditEvent {
     /// A keystore write with no key event of its own (sealed lengths, floors): every
     /// keystore write is preceded by at least one record (subject: its generation).
     KeystoreWritten = 8,
+    /// The live data keys wrapped in an epoch that is over were re-wrapped into the
+    /// current one (subject: the old epoch; key id: the new epoch).
+    EpochRolled = 9,
 }
 
 impl AuditEvent {
@@ -74,6 +77,7 @@ impl AuditEvent {
             6 => Self::EpochKeyDestroyed,
             7 => Self::MasterKeyRotated,
             8 => Self::KeystoreWritten,
+            9 => Self::EpochRolled,
             _ => return None,
         })
     }
@@ -88,6 +92,7 @@ impl AuditEvent {
             Self::EpochKeyDestroyed => "epoch-key-destroyed",
             Self::MasterKeyRotated => "master-key-rotated",
             Self::KeystoreWritten => "keystore-written",
+            Self::EpochRolled => "epoch-rolled",
         }
     }
 }

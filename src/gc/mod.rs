@@ -101,8 +101,13 @@ pub fn maintain(inner: &Inner, next_shard: &mut usize, shards: usize) -> Result<
     // A failing rotation (its key source down, say) must never hold up shredding: shred
     // first, then report the rotation's error (kept in `last_gc_error`, retried next pass).
     let rotated = rotate_if_due(inner, now);
-    let shredded = shred_dead(inner, now)?;
-    rotated.map(|()| shredded)
+    let shredded = shred_dead(inner, now);
+    // Then live keys leave an epoch that is over (HSM), so a long-lived one does not keep
+    // its epoch's key, and the shredded keys it wraps, alive (after the shred: what dies
+    // now is not re-wrapped). Same rule for its errors.
+    let rolled = inner.keyring.roll_epochs().map(|_| ());
+    let shredded = shredded?;
+    rotated.and(rolled).map(|()| shredded)
 }
 
 /// Automatic master-key rotation (`Options::auto_rotation`), when its interval is up.

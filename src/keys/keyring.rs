@@ -49,6 +49,8 @@ pub struct Keyring {
     rotation: Mutex<()>,
     /// Live data keys, as of the last change (read without the lock, for `stats`).
     live: AtomicUsize,
+    /// The epoch every live key was last moved into by `roll_epochs` (u64::MAX: none).
+    rolled_to: AtomicU64,
     /// Replaced by a master-key rotation (under the `store` lock).
     provider: RwLock<Arc<dyn KeyProvider>>,
     next_id: Arc<AtomicU64>,
@@ -67,6 +69,7 @@ impl Keyring {
             dir: dir.to_path_buf(),
             fs,
             live: AtomicUsize::new(ks.len()),
+            rolled_to: AtomicU64::new(u64::MAX),
             store: Mutex::new(KeyState {
                 ks,
                 audit,
@@ -337,6 +340,91 @@ impl Keyring {
             new_kek_id: new_id,
             rewrapped: ids.len(),
         })
+    }
+
+    /// Moves every live data key wrapped in an epoch that is over into the current one
+    /// (HSM provider; nothing for a provider without epochs): re-wrapped, the keystore
+    /// written, then the emptied epochs retired. So no long-lived key keeps an old
+    /// epoch's key alive, and a shredded segment's key, in any copy of any keystore, is
+    /// unopenable once the epoch it was last wrapped in is over and this has run (see
+    /// engine-format.md, "Thief of the disk and of every backup"). Skipped while a
+    /// master-key rotation runs (it re-wraps everything anyway), and when the epoch it
+    /// last rolled into is still the current one. The provider calls (two per key) run
+    /// with the keyring lock dropped, like a rotation's. Returns the keys moved.
+    pub fn roll_epochs(&self) -> Result<usize> {
+        let Some(_one) = self.rotation.try_lock() else {
+            return Ok(0);
+        };
+        let provider = Arc::clone(&self.provider.read());
+        let Some(now) = provider.current_epoch() else {
+            return Ok(0);
+        };
+        if self.rolled_to.load(Ordering::Relaxed) == now {
+            return Ok(0);
+        }
+        let is_old = |w: &[u8]| provider.epoch_of(w).is_some_and(|e| e < now);
+        let before = self.store.lock().ks.entries_where(is_old);
+        if before.is_empty() {
+            // Nothing to move (an earlier roll, or a reopen, did it), but the epochs it
+            // emptied may still be in the token (a crash before their retirement; the
+            // pending flag does not survive a restart): retire once per epoch.
+            let mut st = self.store.lock();
+            let retired = self.retire_epochs(&mut st);
+            if retired.is_ok() {
+                self.rolled_to.store(now, Ordering::Relaxed);
+            }
+            return retired.map(|()| 0);
+        }
+        let mut after = KeyStore::rewrapped(
+            &KeyStore::path_in(&self.dir),
+            before.clone(),
+            &*provider,
+            &*provider,
+        );
+        let failed = before.len() - after.len();
+        let mut st = self.store.lock();
+        // Keys re-wrapped in an epoch that ended while the token worked (a slow token, a
+        // short epoch) are not installed: with the lock dropped, a shred may already have
+        // retired that epoch. They are moved again next pass.
+        let current = provider.current_epoch().unwrap_or(now);
+        after.retain(|_, e| provider.epoch_of(&e.wrapped) >= Some(current));
+        // The first key wrapped in this epoch: its epoch key was made in the token now.
+        let new_epoch = !st
+            .ks
+            .wrapped_keys()
+            .any(|w| provider.epoch_of(w) == Some(current));
+        let replaced = st.ks.replace_wrapped(&before, &after);
+        let mut from: Vec<u64> = replaced
+            .iter()
+            .filter_map(|e| provider.epoch_of(&e.wrapped))
+            .collect();
+        from.sort_unstable();
+        from.dedup();
+        let moved = replaced.len();
+        let mut events: Vec<Event> = Vec::with_capacity(from.len() + 1);
+        if new_epoch && moved > 0 {
+            events.push((AuditEvent::EpochKeyCreated, current, provider.kek_id()));
+        }
+        events.extend(from.iter().map(|&e| (AuditEvent::EpochRolled, e, current)));
+        if moved > 0 {
+            if let Err(e) = self.persist(&mut st, &events) {
+                st.ks.restore(replaced);
+                return Err(e);
+            }
+        }
+        // Keys that could not be moved (a token error; a seal or a new epoch in between)
+        // are tried again next pass.
+        if st.ks.entries_where(is_old).is_empty() {
+            self.rolled_to.store(now, Ordering::Relaxed);
+        }
+        // The emptied epochs go now, or at a later shred if the token fails.
+        let retired = self.retire_epochs(&mut st);
+        if failed > 0 {
+            return Err(crate::Error::KeyProvider(format!(
+                "{failed} live data keys could not be re-wrapped out of an epoch that is over (retried at the next maintenance pass; until then that epoch's key stays)"
+            )));
+        }
+        retired.map(|()| moved)
     }
 
     /// Whether a segment's key was wrapped in an epoch that is over (HSM provider).

@@ -278,6 +278,37 @@ impl KeyStore {
         Ok(ids)
     }
 
+    /// Copies of the entries whose wrapped key `pick` selects (by its wrapped bytes).
+    pub fn entries_where(&self, pick: impl Fn(&[u8]) -> bool) -> BTreeMap<u64, KeyEntry> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| pick(&e.wrapped))
+            .map(|(&id, e)| (id, e.clone()))
+            .collect()
+    }
+
+    /// Puts re-wrapped keys in place (in memory; persist to make it count): each entry of
+    /// `after` replaces the live one if that is still the entry of `before` (same data
+    /// key, same wrapped bytes; one shredded or changed meanwhile is left alone). Returns
+    /// the entries replaced, to put back with [`restore`](Self::restore) if the write
+    /// fails.
+    pub fn replace_wrapped(
+        &mut self,
+        before: &BTreeMap<u64, KeyEntry>,
+        after: &BTreeMap<u64, KeyEntry>,
+    ) -> Vec<KeyEntry> {
+        let mut replaced = Vec::new();
+        for (id, new) in after {
+            let (Some(cur), Some(old)) = (self.entries.get_mut(id), before.get(id)) else {
+                continue;
+            };
+            if cur == old && new.dek_id == old.dek_id {
+                replaced.push(std::mem::replace(cur, new.clone()));
+            }
+        }
+        replaced
+    }
+
     /// The wrapped keys of every live entry (for a provider's `retire`).
     pub fn wrapped_keys(&self) -> impl Iterator<Item = &[u8]> {
         self.entries.values().map(|e| &e.wrapped[..])

@@ -1,11 +1,14 @@
 //! A PKCS#11 (HSM) key provider with shred epochs.
 //!
 //! Data keys are wrapped (AES-256-GCM, `C_Encrypt`) by *epoch keys* that live only in the
-//! token: one per epoch of segment creation (default one hour), generated in the token as
-//! sensitive, non-extractable token objects. Once no live data key was wrapped in an epoch
-//! and the epoch is over, its key is destroyed in the token (`C_DestroyObject`): from then
-//! on no copy of those wrapped data keys — an old keystore, a backup, a disk image — can be
-//! opened by anyone, the HSM's owner included.
+//! token: one per epoch (default one hour), generated in the token as sensitive,
+//! non-extractable token objects. A key is wrapped in the epoch current when it is made,
+//! and once that epoch is over the store re-wraps every key still live into the current
+//! one (`Keyring::roll_epochs`), so no long-lived key keeps an old epoch alive. An epoch
+//! no live key (nor the keystore on disk) is wrapped in any more, once over, has its key
+//! destroyed in the token (`C_DestroyObject`): from then on no copy of what it wrapped — an
+//! old keystore, a backup, a disk image — can be opened by anyone, the HSM's owner
+//! included.
 //!
 //! Calls happen per segment (create, open, shred), never per message.
 
@@ -59,7 +62,8 @@ pub struct Pkcs11Config {
     /// Prefix of the epoch keys' labels in the token (one store per prefix).
     pub key_label: String,
     /// Length of an epoch (default one hour): a shredded segment's data key becomes
-    /// unopenable everywhere at most this long after its epoch ends, plus the shred.
+    /// unopenable everywhere once the epoch of its shred is over and the next maintenance
+    /// pass has moved the live keys out of it (see engine-format.md for the bound).
     pub epoch: Duration,
     /// Time source for epochs (the store's clock in tests).
     pub clock: Arc<dyn Clock>,
