@@ -281,6 +281,17 @@ fn rotating_back_to_a_provider_stops_retiring_it() {
     Store::open(&dir, options(&p, &clock)).unwrap();
 }
 
+/// The epochs of the live data keys in the keystore on disk, and of its meta key.
+fn key_epochs(dir: &std::path::Path, p: &Epochs) -> (Vec<u64>, Option<u64>) {
+    let img = KeystoreImage::decode(&std::fs::read(dir.join("KEYS")).unwrap()).unwrap();
+    let epochs = img
+        .entries
+        .iter()
+        .map(|e| p.epoch_of(&e.wrapped).unwrap())
+        .collect();
+    (epochs, p.epoch_of(&img.meta_wrapped_key))
+}
+
 /// A key that lives longer than its epoch (a long TTL) is re-wrapped into the current
 /// epoch at the first maintenance pass after its own is over, so that epoch can be
 /// retired: otherwise one long-lived key keeps its whole epoch, and every key shredded in
@@ -298,17 +309,12 @@ fn a_long_lived_key_leaves_its_epoch_once_that_is_over() {
     store.maintain().unwrap();
     let now = p.current_epoch().unwrap();
     assert_eq!(now, first + 1);
-    let img = KeystoreImage::decode(&std::fs::read(dir.join("KEYS")).unwrap()).unwrap();
-    let epochs: Vec<u64> = img
-        .entries
-        .iter()
-        .map(|e| p.epoch_of(&e.wrapped).unwrap())
-        .collect();
+    let (epochs, meta_epoch) = key_epochs(&dir, &p);
     assert!(
         !epochs.is_empty() && epochs.iter().all(|&e| e == now),
         "live keys still in an epoch that is over: {epochs:?} (now {now})"
     );
-    assert_eq!(p.epoch_of(&img.meta_wrapped_key), Some(now));
+    assert_eq!(meta_epoch, Some(now));
     let rolled: Vec<(u64, u64)> = cinder::key_audit_log(&dir, None)
         .unwrap()
         .records
@@ -347,12 +353,7 @@ fn keys_of_an_epoch_that_ended_while_the_store_was_closed_move_at_open() {
     clock.advance(Duration::from_millis(EPOCH_MS));
     let now = p.current_epoch().unwrap();
     let store = Store::open(&dir, options(&p, &clock)).unwrap();
-    let img = KeystoreImage::decode(&std::fs::read(dir.join("KEYS")).unwrap()).unwrap();
-    let epochs: Vec<u64> = img
-        .entries
-        .iter()
-        .map(|e| p.epoch_of(&e.wrapped).unwrap())
-        .collect();
+    let (epochs, _) = key_epochs(&dir, &p);
     assert!(
         epochs.iter().all(|&e| e == now),
         "keys left in an epoch that is over after the open: {epochs:?} (now {now})"

@@ -106,6 +106,19 @@ fn provider(h: &Hsm, token: &str, clock: &Arc<ManualClock>) -> Arc<Pkcs11KeyProv
     Arc::new(Pkcs11KeyProvider::open(c).unwrap())
 }
 
+/// A copy of a closed data dir (what a backup holds), next to it.
+fn backup_of(data: &Path, tmp: &Path) -> PathBuf {
+    let backup = tmp.join("backup");
+    std::fs::create_dir(&backup).unwrap();
+    for e in std::fs::read_dir(data).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "LOCK" {
+            std::fs::copy(e.path(), backup.join(e.file_name())).unwrap();
+        }
+    }
+    backup
+}
+
 fn opts(p: &Arc<Pkcs11KeyProvider>, clock: &Arc<ManualClock>) -> Options {
     let mut o = Options::new(p.clone());
     o.clock = clock.clone();
@@ -220,14 +233,7 @@ fn a_destroyed_epoch_key_leaves_an_old_keystore_copy_unopenable() {
     s.close().unwrap();
     drop(s);
     // A backup of the data dir while the messages were live: old keystore, old segments.
-    let backup = tmp.path().join("backup");
-    std::fs::create_dir(&backup).unwrap();
-    for e in std::fs::read_dir(&data).unwrap() {
-        let e = e.unwrap();
-        if e.file_name() != "LOCK" {
-            std::fs::copy(e.path(), backup.join(e.file_name())).unwrap();
-        }
-    }
+    let backup = backup_of(&data, tmp.path());
     // Two hours later: every message is acked and its segments shredded.
     clock.advance(HOUR * 2);
     let s = Store::open(&data, opts(&p, &clock)).unwrap();
@@ -416,14 +422,7 @@ fn a_long_ttl_key_does_not_keep_its_epoch_alive() {
         .collect();
     s.close().unwrap();
     drop(s);
-    let backup = tmp.path().join("backup");
-    std::fs::create_dir(&backup).unwrap();
-    for e in std::fs::read_dir(&data).unwrap() {
-        let e = e.unwrap();
-        if e.file_name() != "LOCK" {
-            std::fs::copy(e.path(), backup.join(e.file_name())).unwrap();
-        }
-    }
+    let backup = backup_of(&data, tmp.path());
     // Still in epoch 50000: the short messages are acked and their segments shredded.
     clock.advance(Duration::from_secs(60));
     let s = Store::open(&data, opts(&p, &clock)).unwrap();
