@@ -360,3 +360,46 @@ fn keys_of_an_epoch_that_ended_while_the_store_was_closed_move_at_open() {
     );
     assert_eq!(store.read(b"long", None, 10).unwrap().len(), 1);
 }
+
+/// A keystore write whose rename landed but whose directory fsync failed (here: a
+/// master-key rotation's) leaves a keystore on disk that memory does not describe: its
+/// meta key is wrapped in an epoch memory does not list. A retirement on the word of
+/// memory alone could destroy the epoch that keystore needs. The keyring writes memory out
+/// again before it retires anything. Before, the next retirement (a pending one, run by the
+/// next maintenance pass) was told a stale meta key.
+#[test]
+fn a_keystore_write_whose_dir_fsync_failed_is_redone_before_any_retirement() {
+    use cinder::vfs::{Fault, FaultFs, FaultKind, Op};
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_000 * EPOCH_MS);
+    let dir = tmp.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
+    let fs = Arc::new(FaultFs::new(&dir).unwrap());
+    let p = Arc::new(Epochs::new(tmp.path(), &clock, &dir));
+    let mut o = options(&p, &clock);
+    o.file_system = fs.clone();
+    let store = Store::open(&dir, o).unwrap();
+    // A retirement that fails leaves one pending for the next pass.
+    let_segments_die(&store, &clock);
+    p.fail_retire.store(true, Ordering::SeqCst);
+    for _ in 0..4 {
+        let _ = store.maintain();
+        clock.advance(Duration::from_secs(10));
+    }
+    let _ = store.maintain();
+    store.flush().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let p2 = Arc::new(Epochs::new(other.path(), &clock, &dir));
+    // The rotation's keystore is renamed into place; its directory fsync fails.
+    fs.inject(Fault::nth(Op::SyncDir, 1, FaultKind::Io));
+    assert!(store.rotate_master_key(p2.clone()).is_err());
+    let img = KeystoreImage::decode(&std::fs::read(dir.join("KEYS")).unwrap()).unwrap();
+    assert_eq!(img.kek_id, p2.kek_id(), "the rename landed");
+    store.maintain().unwrap();
+    let retires = p2.retires.lock().unwrap().clone();
+    assert!(!retires.is_empty(), "the pending retirement ran");
+    assert!(
+        retires.iter().all(|&kept| kept),
+        "retire was not told the on-disk keystore's meta key is live: {retires:?}"
+    );
+}

@@ -31,7 +31,8 @@ struct KeyState {
     /// Audit records of key destructions not yet in the log (its append failed): the
     /// next keystore write records them first.
     unaudited: Vec<Event>,
-    /// The keystore in memory has changes (sealed lengths) the one on disk lacks.
+    /// The keystore on disk may differ from the one in memory: sealed lengths not yet
+    /// written, or a write that failed (maybe after its rename).
     dirty: bool,
 }
 
@@ -111,7 +112,13 @@ impl Keyring {
         ks.id_floor = ks.id_floor.max(self.next_id.load(Ordering::SeqCst));
         ks.time_floor_ms = ks.time_floor_ms.max(now);
         ks.audit_anchor = Some(st.audit.anchor());
-        ks.persist(&*self.fs, &**self.provider.read())?;
+        if let Err(e) = ks.persist(&*self.fs, &**self.provider.read()) {
+            // The rename may have happened (a failed directory fsync): the keystore on
+            // disk may now differ from the one in memory, which the caller may even put
+            // back. Until a write succeeds, nothing is retired on the word of memory.
+            st.dirty = true;
+            return Err(e);
+        }
         st.dirty = false;
         Ok(())
     }
@@ -197,6 +204,15 @@ impl Keyring {
     /// (HSM provider): old copies of the wrapped keys they wrap can never be opened
     /// again. Every epoch destroyed is audited, also when the provider fails part way.
     fn retire_epochs(&self, st: &mut KeyState) -> Result<()> {
+        // After a failed keystore write the file on disk may hold keys (and a meta key)
+        // in epochs memory no longer lists: write memory out first, so what is retired
+        // is exactly what the keystore on disk does not need.
+        if st.dirty {
+            if let Err(e) = self.persist(st, &[]) {
+                st.retire_pending = true;
+                return Err(e);
+            }
+        }
         let provider = Arc::clone(&self.provider.read());
         // The keystore on disk needs its meta key too: its epoch may be one no data key
         // is in (a keystore written just before an epoch boundary).

@@ -288,8 +288,8 @@ impl KeyStore {
     }
 
     /// Puts re-wrapped keys in place (in memory; persist to make it count): each entry of
-    /// `after` replaces the live one if that is still the entry of `before` (same data
-    /// key, same wrapped bytes; one shredded or changed meanwhile is left alone). Returns
+    /// `after` (re-wrapped from `before`) replaces the live one if that is still the entry
+    /// of `before` (one shredded or changed meanwhile is left alone). Returns
     /// the entries replaced, to put back with [`restore`](Self::restore) if the write
     /// fails.
     pub fn replace_wrapped(
@@ -302,7 +302,7 @@ impl KeyStore {
             let (Some(cur), Some(old)) = (self.entries.get_mut(id), before.get(id)) else {
                 continue;
             };
-            if cur == old && new.dek_id == old.dek_id {
+            if cur == old {
                 replaced.push(std::mem::replace(cur, new.clone()));
             }
         }
