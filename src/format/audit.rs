@@ -111,6 +111,22 @@ pub struct AuditRecord {
     pub hash: [u8; 32],
 }
 
+impl AuditRecord {
+    /// The fields both log versions keep at bytes 0..40 (sequence, time, subject, key
+    /// id), with the event, generation and hash the caller checked.
+    fn read(r: &[u8], event: AuditEvent, generation: u64, hash: [u8; 32]) -> Self {
+        AuditRecord {
+            seq: get_u64(r, 0),
+            time_ms: get_u64(r, 8),
+            event,
+            subject: get_u64(r, 24),
+            key_id: get_u64(r, 32),
+            generation,
+            hash,
+        }
+    }
+}
+
 /// The fields of a record to encode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordFields {
@@ -276,15 +292,8 @@ pub fn decode_log(buf: &[u8], key: Option<&[u8; AUDIT_KEY_LEN]>) -> Result<Audit
             }
         }
         prev = hash;
-        log.records.push(AuditRecord {
-            seq,
-            time_ms: get_u64(r, 8),
-            event,
-            subject: get_u64(r, 24),
-            key_id: get_u64(r, 32),
-            generation,
-            hash,
-        });
+        log.records
+            .push(AuditRecord::read(r, event, generation, hash));
     }
     Ok(log)
 }
@@ -373,15 +382,7 @@ pub mod v1 {
                 ));
             };
             prev = want;
-            log.records.push(AuditRecord {
-                seq,
-                time_ms: get_u64(r, 8),
-                event,
-                subject: get_u64(r, 24),
-                key_id: get_u64(r, 32),
-                generation: 0,
-                hash: want,
-            });
+            log.records.push(AuditRecord::read(r, event, 0, want));
         }
         Ok(log)
     }
