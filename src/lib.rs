@@ -33,6 +33,7 @@ mod options;
 mod recovery;
 mod segment;
 mod store;
+mod subscription;
 pub mod vfs;
 mod writer;
 
@@ -51,3 +52,4 @@ pub use options::{
 };
 pub use recovery::RecoveryReport;
 pub use store::{Message, MessageId, NewMessage, Stats, Store};
+pub use subscription::Subscription;

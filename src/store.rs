@@ -19,6 +19,7 @@ use crate::options::{Clock, Durability, Options};
 use crate::recovery::{self, RecoveryReport};
 use crate::segment::codec;
 use crate::segment::{Segment, SegmentTable};
+use crate::subscription::Subscription;
 use crate::writer::{Bucket, Reservation, Writer, WriterConfig};
 
 /// A message id: unique in the store forever, increasing in append order within a queue.
@@ -147,6 +148,10 @@ impl std::fmt::Debug for Inner {
 }
 
 impl Inner {
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
     /// "Now" for expiry: the engine clock (see `options::EngineClock`).
     pub fn now_ms(&self) -> u64 {
         self.clock.now_ms()
@@ -519,6 +524,8 @@ impl Store {
         for (q, id, _, _) in issued {
             q.state.lock().rollback(*id);
             self.inner.index.messages.fetch_sub(1, Ordering::SeqCst);
+            // A later message of the queue may have been held back behind this one.
+            q.notify();
         }
     }
 
@@ -546,7 +553,7 @@ impl Store {
             let mut st = q.state.lock();
             if st.commit(*id, seg.id, end - flen) {
                 drop(st);
-                q.cv.notify_all();
+                q.notify();
             } else {
                 // Purged while being written: it is on disk, so it needs an ack record.
                 orphaned.push((*id, seg.id));
@@ -734,31 +741,29 @@ impl Store {
     }
 
     /// Blocks until `queue` has a readable message after `after`, or `timeout` passes.
-    /// Returns whether one is there. Appends wake waiters at once (no polling).
+    /// Returns whether one is there. Appends wake waiters at once (no polling). A thin
+    /// layer over [`Store::subscribe`]; `Err(Closed)` if the store closes meanwhile.
     pub fn wait(&self, queue: &[u8], after: Option<MessageId>, timeout: Duration) -> Result<bool> {
-        self.check_open()?;
-        validate_queue(queue)?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let q = self.inner.index.get_or_create(queue);
-            let mut st = q.state.lock();
-            if st.removed {
-                continue;
-            }
-            loop {
-                if st.has_readable(after.map(|a| a.0), self.inner.now_ms()) {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut sub = self.subscribe(queue, after)?;
+        match deadline {
+            Some(d) => sub.wait_until(d),
+            // A timeout past the end of time: wait until there is something.
+            None => loop {
+                if sub.wait_until(Instant::now() + Duration::from_secs(86_400))? {
                     return Ok(true);
                 }
-                if Instant::now() >= deadline || self.inner.closed.load(Ordering::SeqCst) {
-                    return Ok(false);
-                }
-                st.waiters += 1;
-                // Wake up at least every second to notice expiry and close.
-                let until = deadline.min(Instant::now() + Duration::from_secs(1));
-                q.cv.wait_until(&mut st, until);
-                st.waiters -= 1;
-            }
+            },
         }
+    }
+
+    /// Registers for a wake-up when `queue` has a readable message after `after`: a
+    /// [`Subscription`], which is a `Future` (any executor; no thread per subscriber)
+    /// and also offers a blocking [`Subscription::wait_until`]. Dropping it cancels it.
+    pub fn subscribe(&self, queue: &[u8], after: Option<MessageId>) -> Result<Subscription> {
+        self.check_open()?;
+        validate_queue(queue)?;
+        Ok(Subscription::new(Arc::clone(&self.inner), queue, after))
     }
 
     /// Engine counters.
@@ -873,11 +878,9 @@ impl Store {
             let _ = h.join();
         }
         let r = self.inner.writer.shutdown();
-        // Waiters in `wait` notice the close within a second; wake them now.
+        // Subscribers see `closed` when woken: wake them all.
         for shard in 0..Index::shard_count() {
-            self.inner.index.for_each_in_shard(shard, |_, q| {
-                q.cv.notify_all();
-            });
+            self.inner.index.for_each_in_shard(shard, |_, q| q.notify());
         }
         // After a writer failure the keystore is left as the last successful write made
         // it; either way the data dir is released and can be opened again right away.

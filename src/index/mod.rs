@@ -14,7 +14,8 @@ use std::hash::{BuildHasher, BuildHasherDefault};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use parking_lot::{Condvar, Mutex, RwLock};
+use event_listener::Event;
+use parking_lot::{Mutex, RwLock};
 
 use id_hash::IdHasher;
 
@@ -55,6 +56,7 @@ pub struct QueueState {
     min_expiry_ms: u64,
     /// Removed from the index; whoever holds it must look the queue up again.
     pub removed: bool,
+    /// Live subscriptions on this queue: while any, the sweep keeps the queue.
     pub waiters: u32,
 }
 
@@ -302,11 +304,19 @@ impl QueueState {
     }
 }
 
-/// A queue and the condition variable its waiters sleep on.
+/// A queue and the event its subscribers listen on (`subscription`).
 #[derive(Debug, Default)]
 pub struct QueueCell {
     pub state: Mutex<QueueState>,
-    pub cv: Condvar,
+    pub event: Event,
+}
+
+impl QueueCell {
+    /// Wakes every subscriber: call after a change that can make a message readable,
+    /// with the state lock released.
+    pub fn notify(&self) {
+        self.event.notify(usize::MAX);
+    }
 }
 
 type Shard = RwLock<HashMap<Box<[u8]>, Arc<QueueCell>>>;
