@@ -179,7 +179,7 @@ pub fn verify(dir: &Path, provider: &dyn KeyProvider) -> Result<VerifyReport> {
         }
         Err(e) => return Err(e),
     };
-    check_audit_log(&mut cx, dir, ks.as_ref());
+    check_audit_log(&mut cx, dir, ks.as_ref(), provider);
     if let Some(ks) = &ks {
         let newest_file = listing.segments.keys().next_back().copied().unwrap_or(0);
         for id in ks.segment_ids() {
@@ -381,7 +381,7 @@ fn check_tail(
 /// The key audit log: every record verifies under the audit key and chains to the one
 /// before, the log reaches the point the (authenticated) keystore vouches for, and no
 /// record names a keystore write the keystore is two or more behind (rolled back).
-fn check_audit_log(cx: &mut Ctx, dir: &Path, ks: Option<&KeyStore>) {
+fn check_audit_log(cx: &mut Ctx, dir: &Path, ks: Option<&KeyStore>, provider: &dyn KeyProvider) {
     use crate::format::audit::{decode_log, log_version, v1, AuditEvent, HEADER_LEN, RECORD_LEN};
     let path = crate::keys::audit::KeyAudit::path_in(dir);
     let anchor = ks.and_then(|k| k.audit_anchor);
@@ -482,7 +482,8 @@ fn check_audit_log(cx: &mut Ctx, dir: &Path, ks: Option<&KeyStore>) {
         );
     }
     let keyed = log.verified && version != Some(1);
-    check_against_keystore(cx, &path, &log, ks, anchor, keyed);
+    let reread = || keystore_generation(dir, provider);
+    check_against_keystore(cx, &path, &log, ks, anchor, keyed, &reread);
     check_archived_log(cx, dir, log.predecessor);
 }
 
@@ -495,6 +496,7 @@ fn check_against_keystore(
     ks: Option<&KeyStore>,
     anchor: Option<(u64, [u8; 32])>,
     keyed: bool,
+    reread: &dyn Fn() -> Option<u64>,
 ) {
     let records = log.records.len() as u64;
     if let Some(a @ (n, _)) = anchor {
@@ -511,21 +513,69 @@ fn check_against_keystore(
         }
     }
     if let (Some(ks), true) = (ks, keyed) {
-        if let Some(r) = log
-            .records
-            .iter()
-            .find(|r| r.generation >= ks.generation().saturating_add(2))
-        {
-            cx.problem(
+        let newest = log.records.iter().map(|r| r.generation).max();
+        match rollback(ks.generation(), newest, reread) {
+            Rollback::No => {}
+            Rollback::RewrittenWhileVerifying { now } => cx.note(
+                path,
+                None,
+                format!(
+                    "the keystore was rewritten while verifying (write {} read first, write {now} after the log): a running store",
+                    ks.generation()
+                ),
+            ),
+            Rollback::Yes { generation, log_generation } => cx.problem(
                 path,
                 None,
                 CorruptionKind::KeystoreRolledBack {
-                    generation: ks.generation(),
-                    log_generation: r.generation,
+                    generation,
+                    log_generation,
                 }
                 .to_string(),
-            );
+            ),
         }
+    }
+}
+
+/// The keystore's generation as it is on disk now.
+fn keystore_generation(dir: &Path, provider: &dyn KeyProvider) -> Option<u64> {
+    let ks = KeyStore::load(&crate::vfs::RealFs, dir, provider).ok()??;
+    Some(ks.generation())
+}
+
+/// What the log's newest keystore generation says of the keystore read before it.
+#[derive(Debug, PartialEq, Eq)]
+enum Rollback {
+    No,
+    /// A running store wrote the keystore again after it was read, and logged that.
+    RewrittenWhileVerifying {
+        now: u64,
+    },
+    Yes {
+        generation: u64,
+        log_generation: u64,
+    },
+}
+
+/// A record of write g+2 is appended only after write g+1 succeeded, so a keystore at
+/// `read` next to a log record of `read + 2` or later is rolled back — unless it is no
+/// longer at `read`: the keystore is read before the log, and a running store may have
+/// written it and logged the next write in between. `reread` reads the keystore's
+/// generation again, after the log; only a keystore still two writes behind is rolled
+/// back.
+fn rollback(read: u64, newest: Option<u64>, reread: &dyn Fn() -> Option<u64>) -> Rollback {
+    let behind = |g: u64, newest: u64| newest >= g.saturating_add(2);
+    let Some(newest) = newest.filter(|&n| behind(read, n)) else {
+        return Rollback::No;
+    };
+    match reread() {
+        Some(now) if now > read && !behind(now, newest) => {
+            Rollback::RewrittenWhileVerifying { now }
+        }
+        now => Rollback::Yes {
+            generation: now.unwrap_or(read).max(read),
+            log_generation: newest,
+        },
     }
 }
 
@@ -585,5 +635,37 @@ fn check_archived_log(cx: &mut Ctx, dir: &Path, (count, head): (u64, [u8; 32])) 
             }
             other => cx.problem(&path, None, other.to_string()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_keystore_rewritten_between_its_read_and_the_logs_is_no_rollback() {
+        let never = || -> Option<u64> { panic!("read again only when behind") };
+        assert_eq!(rollback(973, Some(974), &never), Rollback::No);
+        assert_eq!(rollback(973, None, &never), Rollback::No);
+        // The CI failure: write 973 read, then the store wrote 974 and logged 975.
+        assert_eq!(
+            rollback(973, Some(975), &|| Some(974)),
+            Rollback::RewrittenWhileVerifying { now: 974 }
+        );
+        // A keystore put back stays behind however often it is read.
+        let yes = Rollback::Yes {
+            generation: 973,
+            log_generation: 975,
+        };
+        assert_eq!(rollback(973, Some(975), &|| Some(973)), yes);
+        assert_eq!(rollback(973, Some(975), &|| None), yes);
+        // Rewritten, but still two behind the log: rolled back.
+        assert_eq!(
+            rollback(973, Some(980), &|| Some(975)),
+            Rollback::Yes {
+                generation: 975,
+                log_generation: 980
+            }
+        );
     }
 }
