@@ -85,10 +85,15 @@ pub struct Cli {
     #[arg(long, default_value_t = 30.0)]
     pub accounts_per_minute: f64,
 
-    /// Open WebSocket connections at most (each idle one parks a thread in the engine's
-    /// blocking wait; 503 above it).
-    #[arg(long, default_value_t = 512)]
+    /// Open WebSocket sessions at most (an idle one is a parked task and a socket, no
+    /// thread; 503 above it). Lowered at start to what the file-descriptor limit allows.
+    #[arg(long, default_value_t = 100_000)]
     pub max_ws_connections: usize,
+
+    /// Live WebSocket sessions per queue: a new session displaces the oldest beyond this
+    /// (close code 4001), like a device reconnecting. Raise it for multi-reader setups.
+    #[arg(long, default_value_t = 1)]
+    pub sessions_per_queue: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

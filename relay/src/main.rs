@@ -7,6 +7,7 @@ mod errors;
 mod limits;
 mod metrics;
 mod routes;
+mod sessions;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -63,8 +64,11 @@ fn check_flags(cli: &Cli) -> Result<(), String> {
     {
         return Err("rates must be >= 0 and --send-burst >= 1".into());
     }
-    if cli.max_ws_connections == 0 || cli.max_ws_connections > 100_000 {
-        return Err("--max-ws-connections must be 1 ..= 100000".into());
+    if cli.max_ws_connections == 0 || cli.max_ws_connections > 1_000_000 {
+        return Err("--max-ws-connections must be 1 ..= 1000000".into());
+    }
+    if cli.sessions_per_queue == 0 || cli.sessions_per_queue > 1024 {
+        return Err("--sessions-per-queue must be 1 ..= 1024".into());
     }
     Ok(())
 }
@@ -111,8 +115,34 @@ fn open_key(
     }
 }
 
+/// File descriptors kept for everything but WebSocket sessions: segment files, the
+/// keystore, HTTP connections being served, the listener.
+const FD_RESERVE: u64 = 1024;
+
+/// Raises the soft open-files limit to the hard one and returns (limit, raised from).
+fn raise_fd_limit() -> (u64, Option<u64>) {
+    let Ok((soft, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) else {
+        return (1024, None);
+    };
+    if soft >= hard {
+        return (soft, None);
+    }
+    match rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard) {
+        Ok(()) => (hard, Some(soft)),
+        Err(_) => (soft, None),
+    }
+}
+
+/// `--max-ws-connections`, bounded by the open-files limit less [`FD_RESERVE`].
+fn ws_cap(flag: usize, fd_limit: u64) -> usize {
+    let by_fds = fd_limit.saturating_sub(FD_RESERVE).max(1);
+    flag.min(usize::try_from(by_fds).unwrap_or(usize::MAX))
+}
+
 fn run(cli: &Cli) -> Result<(), BoxError> {
     check_flags(cli)?;
+    let (fd_limit, raised_from) = raise_fd_limit();
+    let max_ws = ws_cap(cli.max_ws_connections, fd_limit);
 
     let data_has_files = std::fs::read_dir(&cli.data)
         .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != "LOCK")));
@@ -174,6 +204,15 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
     );
     println!("durability:  {}", cli.durability.describe());
     println!(
+        "open files:  {fd_limit}{}; WebSocket sessions at most {max_ws}{}",
+        raised_from.map_or(String::new(), |f| format!(" (raised from {f})")),
+        if max_ws < cli.max_ws_connections {
+            " (lowered from --max-ws-connections to fit the open-files limit)"
+        } else {
+            ""
+        }
+    );
+    println!(
         "recovered:   {} segments, {} live messages",
         rec.segments, rec.live
     );
@@ -181,14 +220,21 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
         log("WARNING: listening beyond loopback without TLS; put a TLS-terminating proxy in front (and note that per-client limits then see the proxy's address)");
     }
 
+    // Engine calls that can block on I/O (sends, reads, acks) run on the blocking pool;
+    // idle WebSocket sessions are tasks and hold none of it.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        // Each idle WebSocket session parks one blocking thread in `Store::wait`; keep
-        // room for the short engine calls of every request besides them.
-        .max_blocking_threads(cli.max_ws_connections + 256)
+        .max_blocking_threads(256)
         .build()?;
     let store = Arc::new(store);
-    let result = rt.block_on(serve(cli, listener, local, Arc::clone(&store), accounts));
+    let result = rt.block_on(serve(
+        cli,
+        max_ws,
+        listener,
+        local,
+        Arc::clone(&store),
+        accounts,
+    ));
 
     // Whatever happened, make everything durable and release the data dir.
     let closed = store.flush().and_then(|()| store.close());
@@ -203,6 +249,7 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
 
 async fn serve(
     cli: &Cli,
+    max_ws: usize,
     listener: std::net::TcpListener,
     local: SocketAddr,
     store: Arc<cinder::Store>,
@@ -228,7 +275,8 @@ async fn serve(
         ),
         shutdown: shutdown_rx.clone(),
         ws_ended: Notify::new(),
-        ws_permits: Arc::new(Semaphore::new(cli.max_ws_connections)),
+        ws_permits: Arc::new(Semaphore::new(max_ws)),
+        sessions: Arc::new(sessions::Sessions::new(cli.sessions_per_queue)),
     });
     let router = routes::router(Arc::clone(&app));
     let mut stop = shutdown_rx.clone();
@@ -282,4 +330,16 @@ async fn serve(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_session_cap_fits_the_open_files_limit() {
+        assert_eq!(ws_cap(100_000, 1_048_576), 100_000);
+        assert_eq!(ws_cap(100_000, 20_000), 20_000 - FD_RESERVE as usize);
+        assert_eq!(ws_cap(100_000, 100), 1);
+    }
 }

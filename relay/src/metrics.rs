@@ -41,6 +41,8 @@ pub struct Metrics {
     pub limited_accounts: AtomicU64,
     pub ws_open: AtomicU64,
     pub ws_refused: AtomicU64,
+    /// Sessions closed because a newer one for the same queue took their place.
+    pub ws_displaced: AtomicU64,
 }
 
 pub fn inc(c: &AtomicU64, n: u64) {
@@ -111,7 +113,7 @@ impl Metrics {
 
     fn render_relay(&self, o: &mut String, accounts: usize) {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let samples: [(&str, &str, &str, u64); 12] = [
+        let samples: [(&str, &str, &str, u64); 13] = [
             (
                 "cinder_relay_accounts",
                 "gauge",
@@ -183,6 +185,12 @@ impl Metrics {
                 "counter",
                 "WebSocket sessions refused at the connection cap.",
                 get(&self.ws_refused),
+            ),
+            (
+                "cinder_relay_websockets_displaced_total",
+                "counter",
+                "WebSocket sessions closed (4001) because a newer one took their queue's place.",
+                get(&self.ws_displaced),
             ),
         ];
         for (name, kind, help, v) in samples {
@@ -359,9 +367,22 @@ fn esc(s: &str) -> String {
 }
 
 /// Middleware: counts and times every request under its route template.
+/// The `method` label: the standard methods by name, anything else `other`, so made-up
+/// methods cannot grow the label set.
+fn method_label(m: &axum::http::Method) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == m.as_str())
+        .copied()
+        .unwrap_or("other")
+}
+
 pub async fn track(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().as_str().to_string();
+    let method = method_label(req.method()).to_string();
     let route = req
         .extensions()
         .get::<MatchedPath>()

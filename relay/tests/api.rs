@@ -449,3 +449,36 @@ async fn raw_chunked_put(addr: &str, queue: &str, chunks: usize, size: usize) ->
     let head = String::from_utf8_lossy(&resp);
     head.split(' ').nth(1).unwrap().parse().unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_methods_do_not_grow_the_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Relay::start(dir.path(), NO_LIMITS);
+    let c = client();
+    let metrics = || async {
+        c.get(r.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // The scrape itself is a labelled request: make its label exist before comparing.
+    metrics().await;
+    for i in 0..200 {
+        let m = Method::from_bytes(format!("MADEUP{i}").as_bytes()).unwrap();
+        let resp = c.request(m, r.url("/healthz")).send().await.unwrap();
+        assert!(resp.status().is_client_error());
+    }
+    let first = metrics().await;
+    assert!(!first.contains("MADEUP"), "{first}");
+    assert!(first.contains("method=\"other\""), "{first}");
+    for i in 200..400 {
+        let m = Method::from_bytes(format!("MADEUP{i}").as_bytes()).unwrap();
+        c.request(m, r.url("/healthz")).send().await.unwrap();
+    }
+    // Same label set: only counts changed.
+    let second = metrics().await;
+    assert_eq!(first.lines().count(), second.lines().count());
+}

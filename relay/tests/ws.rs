@@ -323,3 +323,157 @@ async fn session_cap_is_503() {
     assert!(m.contains("cinder_relay_websockets_open 1"), "{m}");
     assert!(m.contains("cinder_relay_websockets_refused_total 1"), "{m}");
 }
+
+/// The close frame a session ends with, within `wait` (skipping pings and messages).
+async fn close_code_of(ws: &mut Ws, wait: Duration) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await.ok()? {
+            Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_closed_session_frees_its_slot_at_once() {
+    // The slot used to stay taken until the engine wait behind it timed out (~25 s).
+    let dir = tempfile::tempdir().unwrap();
+    let r = Relay::start(
+        dir.path(),
+        &[NO_LIMITS, &["--max-ws-connections", "1"]].concat(),
+    );
+    let c = client();
+    let (q1, t1) = account(&c, &r).await;
+    let (q2, t2) = account(&c, &r).await;
+    for round in 0..3 {
+        let (q, t) = if round % 2 == 0 {
+            (&q1, &t1)
+        } else {
+            (&q2, &t2)
+        };
+        let mut ws = open(&r, q, t).await;
+        ws.close(None).await.unwrap();
+        while ws.next().await.is_some() {}
+        // The server drops the session on the close frame; give it a moment, not 25 s.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match connect(
+                &r,
+                if round % 2 == 0 { &q2 } else { &q1 },
+                Some(&format!(
+                    "Bearer {}",
+                    if round % 2 == 0 { &t2 } else { &t1 }
+                )),
+            )
+            .await
+            {
+                Ok(mut ws) => {
+                    ws.close(None).await.unwrap();
+                    while ws.next().await.is_some() {}
+                    break;
+                }
+                Err(WsError::Http(resp)) if resp.status() == 503 && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("round {round}: the slot was not freed: {e}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_new_session_for_the_same_queue_displaces_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Relay::start(dir.path(), NO_LIMITS);
+    let c = client();
+    let (q, t) = account(&c, &r).await;
+    let (other_q, other_t) = account(&c, &r).await;
+    let mut other = open(&r, &other_q, &other_t).await;
+    let mut old = open(&r, &q, &t).await;
+    let mut new = open(&r, &q, &t).await;
+    assert_eq!(
+        close_code_of(&mut old, Duration::from_secs(5)).await,
+        Some(4001)
+    );
+    let id = send_ok(&c, &r, &q, b"to the new device").await;
+    assert_eq!(
+        next_msg(&mut new, Duration::from_secs(5)).await.unwrap().0,
+        id
+    );
+    // Another queue's session is untouched.
+    let id = send_ok(&c, &r, &other_q, b"other").await;
+    assert_eq!(
+        next_msg(&mut other, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .0,
+        id
+    );
+    let m = c
+        .get(r.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("cinder_relay_websockets_displaced_total 1"),
+        "{m}"
+    );
+    assert!(m.contains("cinder_relay_websockets_open 2"), "{m}");
+}
+
+#[tokio::test]
+async fn sessions_per_queue_allows_deliberate_readers_and_no_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Relay::start(
+        dir.path(),
+        &[NO_LIMITS, &["--sessions-per-queue", "2"]].concat(),
+    );
+    let c = client();
+    let (q, t) = account(&c, &r).await;
+    let mut a = open(&r, &q, &t).await;
+    let mut b = open(&r, &q, &t).await;
+    let id = send_ok(&c, &r, &q, b"both see it").await;
+    assert_eq!(
+        next_msg(&mut a, Duration::from_secs(5)).await.unwrap().0,
+        id
+    );
+    assert_eq!(
+        next_msg(&mut b, Duration::from_secs(5)).await.unwrap().0,
+        id
+    );
+    let _third = open(&r, &q, &t).await;
+    assert_eq!(
+        close_code_of(&mut a, Duration::from_secs(5)).await,
+        Some(4001)
+    );
+    ack(&mut b, &id).await;
+    wait_len(&c, &r, &q, &t, 0).await;
+}
+
+#[tokio::test]
+async fn a_1mib_client_message_closes_only_that_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Relay::start(dir.path(), NO_LIMITS);
+    let c = client();
+    let (q1, t1) = account(&c, &r).await;
+    let (q2, t2) = account(&c, &r).await;
+    let mut big = open(&r, &q1, &t1).await;
+    let mut fine = open(&r, &q2, &t2).await;
+    let huge = format!("{{\"ack\": \"{}\"}}", "1".repeat(1 << 20));
+    // The server may close before the whole message is written.
+    let _ = big.send(Message::Text(huge.into())).await;
+    assert_eq!(
+        close_code_of(&mut big, Duration::from_secs(5)).await,
+        Some(1009)
+    );
+    let id = send_ok(&c, &r, &q2, b"unaffected").await;
+    assert_eq!(
+        next_msg(&mut fine, Duration::from_secs(5)).await.unwrap().0,
+        id
+    );
+}

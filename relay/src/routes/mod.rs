@@ -47,6 +47,8 @@ pub struct App {
     pub ws_ended: Notify,
     /// One permit per WebSocket session (`--max-ws-connections`).
     pub ws_permits: Arc<Semaphore>,
+    /// Live sessions per queue (`--sessions-per-queue`).
+    pub sessions: Arc<crate::sessions::Sessions>,
 }
 
 pub type AppState = Arc<App>;

@@ -2,10 +2,15 @@
 //!
 //! The server sends each message as a text frame `{"id", "payload", "expires_at"}`, the
 //! backlog first, then new messages as they arrive. New messages are noticed through the
-//! engine's blocking `Store::wait` (run on a blocking thread, woken by the append itself;
-//! no polling). The client answers `{"ack": "<id>"}`; at most 256 messages are unacked in
-//! flight, and the server sends nothing more until acks arrive. Acks are applied in
-//! batches, one engine call at a time per session.
+//! engine's `Store::subscribe` future (woken by the append itself; no polling, and no
+//! thread per session: an idle session is a parked task, a socket and a few KiB). The
+//! client answers `{"ack": "<id>"}`; at most 256 messages are unacked in flight, and the
+//! server sends nothing more until acks arrive. Acks are applied in batches, one engine
+//! call at a time per session.
+//!
+//! At most `--sessions-per-queue` sessions per queue (default 1): a new one displaces the
+//! oldest, which is closed with code 4001. A client that answers neither pings nor
+//! anything else for [`SILENT_LIMIT`] is closed (1001 is not right for that; 1008).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -17,10 +22,11 @@ use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket, W
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use cinder::MessageId;
+use cinder::{MessageId, Subscription};
 use serde::Deserialize;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinError, JoinHandle};
+use tokio::time::Instant;
 
 use super::messages::message_json;
 use super::{authorize, App, AppState};
@@ -29,12 +35,23 @@ use crate::metrics::inc;
 
 /// Unacked messages in flight per session, at most.
 pub const MAX_IN_FLIGHT: usize = 256;
-/// One engine wait; a ping goes out after each idle one.
-const WAIT: Duration = Duration::from_secs(25);
+/// A ping goes out this often, keeping the connection (and any proxy) alive.
+const PING_EVERY: Duration = Duration::from_secs(25);
+/// A client not heard from (no frame, no pong) for this long is gone: close.
+pub const SILENT_LIMIT: Duration = Duration::from_secs(60);
+/// The largest WebSocket message (and frame) a client may send. A valid client frame is
+/// an ack, `{"ack": "<20 digits>"}`: ~40 bytes. Anything larger fails the session.
+pub const MAX_CLIENT_MESSAGE: usize = 4 << 10;
+/// Read buffer per session: sized to acks, so an idle session holds little memory.
+const READ_BUFFER: usize = 4 << 10;
+/// Outgoing bytes buffered before a write goes to the socket.
+const WRITE_BUFFER: usize = 16 << 10;
 /// Messages read from the engine per call.
 const READ_BATCH: usize = 64;
 /// Close code: the account was deleted.
 const CLOSE_ACCOUNT_DELETED: u16 = 4000;
+/// Close code: a newer session for the same queue took this one's place.
+const CLOSE_DISPLACED: u16 = 4001;
 
 /// Counts an open session (for the gauge and for shutdown, which waits for sessions to
 /// end); dropping it notifies.
@@ -66,8 +83,8 @@ pub async fn upgrade(
     let Some(gone) = app.accounts.subscribe(&queue) else {
         return ApiError::new(StatusCode::UNAUTHORIZED, "invalid token").into_response();
     };
-    // The permit is held by the session and by its engine wait, which can outlive the
-    // session by up to one wait: the cap bounds the threads parked in `Store::wait`.
+    // The permit lives exactly as long as the session: a closed session frees its slot
+    // at once.
     let Ok(permit) = Arc::clone(&app.ws_permits).try_acquire_owned() else {
         inc(&app.metrics.ws_refused, 1);
         return ApiError::new(
@@ -76,14 +93,28 @@ pub async fn upgrade(
         )
         .into_response();
     };
+    let sub = match app.store.subscribe(queue.as_bytes(), None) {
+        Ok(s) => s,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
     app.metrics.ws_open.fetch_add(1, Ordering::SeqCst);
     let slot = Slot(Arc::clone(&app));
-    upgrade.on_upgrade(move |socket| async move {
-        let _slot = slot;
-        Session::new(app, queue, gone, Arc::new(permit))
-            .run(socket)
-            .await;
-    })
+    upgrade
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .on_upgrade(move |socket| async move {
+            let _slot = slot;
+            let _permit = permit;
+            let queue: Arc<str> = queue.into();
+            // Registered once the handshake is done: a failed upgrade displaces nobody.
+            let (_reg, displaced, n) = app.sessions.register(&queue);
+            inc(&app.metrics.ws_displaced, n as u64);
+            Session::new(app, queue, gone, sub, displaced)
+                .run(socket)
+                .await;
+        })
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,16 +173,14 @@ enum Next {
     End(Option<Message>),
 }
 
-/// The engine's wait returned.
-fn after_wait(r: Result<cinder::Result<bool>, JoinError>) -> Next {
+/// The engine's subscription fired.
+fn after_wait(r: cinder::Result<()>) -> Next {
     match r {
-        Ok(Ok(true)) => Next::Read,
-        Ok(Ok(false)) => Next::Ping,
-        Ok(Err(cinder::Error::Closed)) => {
+        Ok(()) => Next::Read,
+        Err(cinder::Error::Closed) => {
             Next::End(Some(close(close_code::AWAY, "server shutting down")))
         }
-        Ok(Err(e)) => internal_error("wait", &e),
-        Err(e) => internal_error("wait task", &e),
+        Err(e) => internal_error("wait", &e),
     }
 }
 
@@ -171,27 +200,33 @@ struct Session {
     /// Acks received, not yet handed to the engine.
     acks: Vec<MessageId>,
     acking: Option<JoinHandle<cinder::Result<u64>>>,
-    waiter: Option<JoinHandle<cinder::Result<bool>>>,
-    permit: Arc<OwnedSemaphorePermit>,
+    /// Fires when the queue has a message after the cursor.
+    sub: Subscription,
+    /// Fires when a newer session for the queue displaced this one.
+    displaced: oneshot::Receiver<()>,
+    /// When the client was last heard from (any frame, pongs included).
+    heard: Instant,
 }
 
 impl Session {
     fn new(
         app: AppState,
-        queue: String,
+        queue: Arc<str>,
         gone: watch::Receiver<()>,
-        permit: Arc<OwnedSemaphorePermit>,
+        sub: Subscription,
+        displaced: oneshot::Receiver<()>,
     ) -> Self {
         Session {
             app,
-            queue: queue.into(),
+            queue,
             gone,
             cursor: None,
             in_flight: HashMap::new(),
             acks: Vec::new(),
             acking: None,
-            waiter: None,
-            permit,
+            sub,
+            displaced,
+            heard: Instant::now(),
         }
     }
 
@@ -202,6 +237,7 @@ impl Session {
     async fn run(mut self, mut socket: WebSocket) {
         let mut shutdown = self.app.shutdown.clone();
         let mut want_read = true;
+        let mut next_ping = Instant::now() + PING_EVERY;
         let end = loop {
             if *shutdown.borrow() {
                 break Some(close(close_code::AWAY, "server shutting down"));
@@ -215,32 +251,34 @@ impl Session {
                     continue;
                 }
             }
-            if self.waiter.is_none() && self.in_flight.len() < MAX_IN_FLIGHT {
-                let store = Arc::clone(&self.app.store);
-                let (q, cursor) = (Arc::clone(&self.queue), self.cursor);
-                let permit = Arc::clone(&self.permit);
-                self.waiter = Some(tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    store.wait(q.as_bytes(), cursor, WAIT)
-                }));
-            }
+            let room = self.in_flight.len() < MAX_IN_FLIGHT;
             let next = tokio::select! {
-                r = join(&mut self.waiter) => {
-                    self.waiter = None;
-                    after_wait(r)
-                }
+                r = &mut self.sub, if room => after_wait(r),
                 r = join(&mut self.acking) => {
                     self.acking = None;
                     self.after_acks(r)
                 }
-                msg = socket.recv() => self.on_frame(msg),
-                () = tokio::time::sleep(WAIT), if self.waiter.is_none() => {
-                    // In flight is full and the client is silent: keep the connection
-                    // alive, and look again for slots of messages that expired unacked.
-                    Next::PingAndRead
+                msg = socket.recv() => {
+                    self.heard = Instant::now();
+                    self.on_frame(msg)
+                }
+                () = tokio::time::sleep_until(next_ping) => {
+                    next_ping = Instant::now() + PING_EVERY;
+                    if self.heard.elapsed() >= SILENT_LIMIT {
+                        Next::End(Some(close(close_code::POLICY, "no answer to pings")))
+                    } else if room {
+                        Next::Ping
+                    } else {
+                        // In flight is full and the client is silent: look again for
+                        // slots of messages that expired unacked.
+                        Next::PingAndRead
+                    }
                 }
                 _ = self.gone.changed() => {
                     Next::End(Some(close(CLOSE_ACCOUNT_DELETED, "account deleted")))
+                }
+                _ = &mut self.displaced => {
+                    Next::End(Some(close(CLOSE_DISPLACED, "displaced by a newer session")))
                 }
                 r = shutdown.changed() => match r {
                     Ok(()) => Next::Continue,
@@ -251,7 +289,6 @@ impl Session {
                 Next::Continue => {}
                 Next::Read => want_read = true,
                 Next::Ping | Next::PingAndRead => {
-                    // Idle: keep the connection (and any proxy) alive.
                     let ping = Message::Ping(axum::body::Bytes::new());
                     if socket.send(ping).await.is_err() {
                         break None;
@@ -308,6 +345,11 @@ impl Session {
                 close_code::UNSUPPORTED,
                 "binary frames are not used",
             ))),
+            // Over `MAX_CLIENT_MESSAGE`: refused before it is buffered (tungstenite's
+            // capacity error); only this session ends.
+            Some(Err(e)) if e.to_string().contains("too long") => {
+                Next::End(Some(close(close_code::SIZE, "message too big")))
+            }
             Some(Ok(Message::Close(_)) | Err(_)) | None => Next::End(None),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => Next::Continue,
         }
@@ -356,6 +398,7 @@ impl Session {
             self.in_flight.insert(m.id.0, m.expires_at_ms);
             self.cursor = Some(m.id);
         }
+        self.sub.set_after(self.cursor);
         inc(&self.app().metrics.messages_pushed_ws, msgs.len() as u64);
         Ok(full)
     }
