@@ -90,6 +90,17 @@ pub struct Cli {
     #[arg(long, default_value_t = 100_000)]
     pub max_ws_connections: usize,
 
+    /// Open connections at most, HTTP and WebSocket alike (a canned 503 above it, and a
+    /// log line). Lowered at start to what the open-files limit allows.
+    #[arg(long, default_value_t = 110_000)]
+    pub max_connections: usize,
+
+    /// Time a connection has to send a request's complete headers, from its start or
+    /// from its previous response: silent, slow (slowloris) and idle keep-alive
+    /// connections are closed after it, and never hold up shutdown longer.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
     /// Live WebSocket sessions per queue: a new session displaces the oldest beyond this
     /// (close code 4001), like a device reconnecting. Raise it for multi-reader setups.
     #[arg(long, default_value_t = 1)]

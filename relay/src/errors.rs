@@ -11,11 +11,24 @@ use axum::Json;
 pub struct ApiError {
     pub status: StatusCode,
     pub message: &'static str,
+    /// `Retry-After` seconds (429 and 503 get a default without it: `routes::envelope`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub const fn new(status: StatusCode, message: &'static str) -> Self {
-        ApiError { status, message }
+        ApiError {
+            status,
+            message,
+            retry_after: None,
+        }
+    }
+
+    /// With `Retry-After: ceil(wait)` (at least one second).
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Self {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        self.retry_after = Some(secs.max(1));
+        self
     }
 
     pub const fn bad_request(message: &'static str) -> Self {
@@ -48,6 +61,10 @@ impl IntoResponse for ApiError {
             Json(serde_json::json!({ "error": self.message })),
         )
             .into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

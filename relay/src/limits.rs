@@ -56,11 +56,11 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         b.at = now;
     }
 
-    /// Takes `cost` tokens from `key`'s bucket; `false` (and nothing taken) if it holds
-    /// fewer.
-    pub fn try_take(&self, key: &K, cost: f64) -> bool {
+    /// Takes `cost` tokens from `key`'s bucket; if it holds fewer, takes nothing and
+    /// returns how long until it will hold `cost` (for `Retry-After`; at most an hour).
+    pub fn try_take(&self, key: &K, cost: f64) -> Result<(), Duration> {
         if !self.enabled() {
-            return true;
+            return Ok(());
         }
         let now = Instant::now();
         let mut st = self.state.lock();
@@ -78,9 +78,10 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         self.refill(b, now);
         if b.tokens >= cost {
             b.tokens -= cost;
-            true
+            Ok(())
         } else {
-            false
+            let wait = ((cost.min(self.burst) - b.tokens) / self.rate).clamp(0.0, 3600.0);
+            Err(Duration::from_secs_f64(wait))
         }
     }
 
@@ -117,26 +118,31 @@ mod tests {
     #[test]
     fn bucket_limits_and_refills() {
         let l = Limiter::new(1000.0, 3.0);
-        assert!(l.try_take(&1, 1.0));
-        assert!(l.try_take(&1, 1.0));
-        assert!(l.try_take(&1, 1.0));
-        assert!(!l.try_take(&1, 1.0));
-        assert!(l.try_take(&2, 1.0), "keys are independent");
+        assert!(l.try_take(&1, 1.0).is_ok());
+        assert!(l.try_take(&1, 1.0).is_ok());
+        assert!(l.try_take(&1, 1.0).is_ok());
+        let wait = l.try_take(&1, 1.0).unwrap_err();
+        assert!(wait <= Duration::from_millis(1), "{wait:?}");
+        assert!(l.try_take(&2, 1.0).is_ok(), "keys are independent");
         std::thread::sleep(Duration::from_millis(5));
-        assert!(l.try_take(&1, 1.0));
+        assert!(l.try_take(&1, 1.0).is_ok());
         let off = Limiter::new(0.0, 1.0);
         for _ in 0..100 {
-            assert!(off.try_take(&1, 5.0));
+            assert!(off.try_take(&1, 5.0).is_ok());
         }
     }
 
     #[test]
     fn refund_and_cost() {
         let l = Limiter::new(0.001, 100.0);
-        assert!(l.try_take(&"q", 60.0));
-        assert!(!l.try_take(&"q", 60.0));
+        assert!(l.try_take(&"q", 60.0).is_ok());
+        // 40 tokens left at 0.001/s: 20 more take 20,000 s, told as the one-hour cap.
+        assert_eq!(
+            l.try_take(&"q", 60.0).unwrap_err(),
+            Duration::from_secs(3600)
+        );
         l.refund(&"q", 60.0);
-        assert!(l.try_take(&"q", 60.0));
+        assert!(l.try_take(&"q", 60.0).is_ok());
     }
 
     #[test]

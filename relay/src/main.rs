@@ -7,6 +7,7 @@ mod errors;
 mod limits;
 mod metrics;
 mod routes;
+mod server;
 mod sessions;
 
 use std::net::SocketAddr;
@@ -67,6 +68,12 @@ fn check_flags(cli: &Cli) -> Result<(), String> {
     if cli.max_ws_connections == 0 || cli.max_ws_connections > 1_000_000 {
         return Err("--max-ws-connections must be 1 ..= 1000000".into());
     }
+    if cli.max_connections == 0 || cli.max_connections > 1_100_000 {
+        return Err("--max-connections must be 1 ..= 1100000".into());
+    }
+    if cli.header_timeout.is_zero() || cli.header_timeout > Duration::from_secs(300) {
+        return Err("--header-timeout must be 1s ..= 300s".into());
+    }
     if cli.sessions_per_queue == 0 || cli.sessions_per_queue > 1024 {
         return Err("--sessions-per-queue must be 1 ..= 1024".into());
     }
@@ -115,8 +122,8 @@ fn open_key(
     }
 }
 
-/// File descriptors kept for everything but WebSocket sessions: segment files, the
-/// keystore, HTTP connections being served, the listener.
+/// File descriptors kept for everything but client sockets: segment files, the
+/// keystore and audit log, the listener, sockets being refused over the cap.
 const FD_RESERVE: u64 = 1024;
 
 /// Raises the soft open-files limit to the hard one and returns (limit, raised from).
@@ -133,16 +140,32 @@ fn raise_fd_limit() -> (u64, Option<u64>) {
     }
 }
 
-/// `--max-ws-connections`, bounded by the open-files limit less [`FD_RESERVE`].
-fn ws_cap(flag: usize, fd_limit: u64) -> usize {
+/// How many sockets the relay may hold open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Caps {
+    /// Open connections, HTTP and WebSocket.
+    connections: usize,
+    /// WebSocket sessions (a subset of the connections).
+    sessions: usize,
+}
+
+/// The flags' caps, bounded by the open-files limit less [`FD_RESERVE`] (and sessions by
+/// connections: each session is one).
+fn caps(cli: &Cli, fd_limit: u64) -> Caps {
     let by_fds = fd_limit.saturating_sub(FD_RESERVE).max(1);
-    flag.min(usize::try_from(by_fds).unwrap_or(usize::MAX))
+    let connections = cli
+        .max_connections
+        .min(usize::try_from(by_fds).unwrap_or(usize::MAX));
+    Caps {
+        connections,
+        sessions: cli.max_ws_connections.min(connections),
+    }
 }
 
 fn run(cli: &Cli) -> Result<(), BoxError> {
     check_flags(cli)?;
     let (fd_limit, raised_from) = raise_fd_limit();
-    let max_ws = ws_cap(cli.max_ws_connections, fd_limit);
+    let caps = caps(cli, fd_limit);
 
     let data_has_files = std::fs::read_dir(&cli.data)
         .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != "LOCK")));
@@ -204,10 +227,12 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
     );
     println!("durability:  {}", cli.durability.describe());
     println!(
-        "open files:  {fd_limit}{}; WebSocket sessions at most {max_ws}{}",
+        "open files:  {fd_limit}{}; connections at most {}, WebSocket sessions at most {}{}",
         raised_from.map_or(String::new(), |f| format!(" (raised from {f})")),
-        if max_ws < cli.max_ws_connections {
-            " (lowered from --max-ws-connections to fit the open-files limit)"
+        caps.connections,
+        caps.sessions,
+        if caps.connections < cli.max_connections || caps.sessions < cli.max_ws_connections {
+            " (lowered from the flags to fit the open-files limit)"
         } else {
             ""
         }
@@ -229,7 +254,7 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
     let store = Arc::new(store);
     let result = rt.block_on(serve(
         cli,
-        max_ws,
+        caps,
         listener,
         local,
         Arc::clone(&store),
@@ -249,7 +274,7 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
 
 async fn serve(
     cli: &Cli,
-    max_ws: usize,
+    caps: Caps,
     listener: std::net::TcpListener,
     local: SocketAddr,
     store: Arc<cinder::Store>,
@@ -275,19 +300,22 @@ async fn serve(
         ),
         shutdown: shutdown_rx.clone(),
         ws_ended: Notify::new(),
-        ws_permits: Arc::new(Semaphore::new(max_ws)),
+        ws_permits: Arc::new(Semaphore::new(caps.sessions)),
         sessions: Arc::new(sessions::Sessions::new(cli.sessions_per_queue)),
+        conn_stats: Arc::default(),
     });
     let router = routes::router(Arc::clone(&app));
-    let mut stop = shutdown_rx.clone();
-    let server = axum::serve(
+    let limits = server::Limits {
+        max_connections: caps.connections,
+        header_timeout: cli.header_timeout,
+    };
+    let mut server = tokio::spawn(server::Server::run(
         listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = stop.wait_for(|s| *s).await;
-    });
-    let mut server = tokio::spawn(std::future::IntoFuture::into_future(server));
+        router,
+        limits,
+        Arc::clone(&app.conn_stats),
+        shutdown_rx.clone(),
+    ));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     println!("listening on http://{local}");
@@ -296,29 +324,27 @@ async fn serve(
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
         r = &mut server => {
-            return match r {
-                Ok(Ok(())) => Err("the server stopped unexpectedly".into()),
-                Ok(Err(e)) => Err(e.into()),
-                Err(e) => Err(e.into()),
-            };
+            return Err(match r {
+                Ok(_) => "the server stopped unexpectedly".into(),
+                Err(e) => e.into(),
+            });
         }
     };
     log(&format!(
         "{sig}: shutting down: no new connections, finishing in-flight requests"
     ));
     let _ = shutdown_tx.send(true);
-    match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => log(&format!("error: server: {e}")),
-        Ok(Err(e)) => log(&format!("error: server task: {e}")),
-        Err(_) => {
-            log("in-flight requests did not finish in time; closing anyway");
-            server.abort();
-        }
-    }
-    // WebSocket sessions outlive their HTTP connection: wait for them to close (they
-    // were told to) and to apply the acks they received.
+    let server = server.await?;
+    // Idle connections close at once, requests in flight finish, WebSocket sessions close
+    // (they were told to) and apply the acks they received; silent sockets are gone
+    // within --header-timeout.
     let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    if !server.drain(deadline).await {
+        log(&format!(
+            "{} connections did not close in time; closing anyway",
+            server.open()
+        ));
+    }
     loop {
         let ended = app.ws_ended.notified();
         if app.metrics.ws_open.load(Ordering::SeqCst) == 0 {
@@ -337,9 +363,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_session_cap_fits_the_open_files_limit() {
-        assert_eq!(ws_cap(100_000, 1_048_576), 100_000);
-        assert_eq!(ws_cap(100_000, 20_000), 20_000 - FD_RESERVE as usize);
-        assert_eq!(ws_cap(100_000, 100), 1);
+    fn the_caps_fit_the_open_files_limit() {
+        use clap::Parser as _;
+        let cli = Cli::parse_from(["cinder-relay"]);
+        let c = |fds| caps(&cli, fds);
+        assert_eq!(
+            c(1_048_576),
+            Caps {
+                connections: 110_000,
+                sessions: 100_000
+            }
+        );
+        let fit = 20_000 - FD_RESERVE as usize;
+        assert_eq!(
+            c(20_000),
+            Caps {
+                connections: fit,
+                sessions: fit
+            }
+        );
+        assert_eq!(
+            c(100),
+            Caps {
+                connections: 1,
+                sessions: 1
+            }
+        );
     }
 }

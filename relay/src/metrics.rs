@@ -67,10 +67,16 @@ impl Metrics {
     }
 
     /// The exposition text.
-    pub fn render(&self, stats: &cinder::Stats, accounts: usize) -> String {
+    pub fn render(
+        &self,
+        stats: &cinder::Stats,
+        accounts: usize,
+        conn: &crate::server::ConnStats,
+    ) -> String {
         let mut o = String::with_capacity(8192);
         self.render_routes(&mut o);
         self.render_relay(&mut o, accounts);
+        render_connections(&mut o, conn);
         render_engine(&mut o, stats);
         o
     }
@@ -197,6 +203,34 @@ impl Metrics {
             header(o, name, kind, help);
             let _ = writeln!(o, "{name} {v}");
         }
+    }
+}
+
+/// The listener's counters.
+fn render_connections(o: &mut String, conn: &crate::server::ConnStats) {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    for (name, kind, help, v) in [
+        (
+            "cinder_relay_connections_open",
+            "gauge",
+            "Open client sockets (HTTP and WebSocket).",
+            get(&conn.open),
+        ),
+        (
+            "cinder_relay_connections_accepted_total",
+            "counter",
+            "Client sockets accepted.",
+            get(&conn.accepted),
+        ),
+        (
+            "cinder_relay_connections_refused_total",
+            "counter",
+            "Client sockets refused (503) at the connection cap.",
+            get(&conn.refused),
+        ),
+    ] {
+        header(o, name, kind, help);
+        let _ = writeln!(o, "{name} {v}");
     }
 }
 
@@ -417,7 +451,7 @@ mod tests {
             shreds: 2,
             ..cinder::Stats::default()
         };
-        let text = m.render(&s, 5);
+        let text = m.render(&s, 5, &crate::server::ConnStats::default());
         assert!(text.contains(
             "cinder_relay_http_requests_total{method=\"PUT\",route=\"/v1/queues/{queue}/messages\",status=\"201\"} 1"
         ));

@@ -18,9 +18,9 @@ pub async fn create(
     State(app): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if !app.account_limit.try_take(&client_key(peer.ip()), 1.0) {
+    if let Err(wait) = app.account_limit.try_take(&client_key(peer.ip()), 1.0) {
         inc(&app.metrics.limited_accounts, 1);
-        return Err(ApiError::too_many("too many accounts created; retry later"));
+        return Err(ApiError::too_many("too many accounts created; retry later").retry_after(wait));
     }
     let a = Arc::clone(&app);
     let (queue, token) = blocking(move || a.accounts.create()).await?;

@@ -91,9 +91,9 @@ pub async fn send(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if !app.send_limit.try_take(&client_key(peer.ip()), 1.0) {
+    if let Err(wait) = app.send_limit.try_take(&client_key(peer.ip()), 1.0) {
         inc(&app.metrics.limited_client, 1);
-        return Err(ApiError::too_many("rate limit exceeded; retry later"));
+        return Err(ApiError::too_many("rate limit exceeded; retry later").retry_after(wait));
     }
     if !app.accounts.exists(&queue) {
         return Err(ApiError::not_found("unknown queue"));
@@ -101,11 +101,12 @@ pub async fn send(
     let ttl = ttl(&headers, &app.cfg)?;
     let payload = read_body(body, &headers, app.cfg.max_message_bytes).await?;
     let cost = (payload.len() as u64 + PER_MESSAGE_COST) as f64;
-    if !app.inbound_limit.try_take(&queue, cost) {
+    if let Err(wait) = app.inbound_limit.try_take(&queue, cost) {
         inc(&app.metrics.limited_recipient, 1);
-        return Err(ApiError::too_many(
-            "recipient's inbound budget exceeded; retry later",
-        ));
+        return Err(
+            ApiError::too_many("recipient's inbound budget exceeded; retry later")
+                .retry_after(wait),
+        );
     }
     let store = Arc::clone(&app.store);
     let q = queue.clone();

@@ -1,6 +1,7 @@
 //! The HTTP API: the shared state, the router, bearer auth, and the operational routes.
 
 mod accounts;
+mod envelope;
 mod messages;
 pub use messages::PER_MESSAGE_COST;
 mod ws;
@@ -49,6 +50,8 @@ pub struct App {
     pub ws_permits: Arc<Semaphore>,
     /// Live sessions per queue (`--sessions-per-queue`).
     pub sessions: Arc<crate::sessions::Sessions>,
+    /// The listener's connection counters.
+    pub conn_stats: Arc<crate::server::ConnStats>,
 }
 
 pub type AppState = Arc<App>;
@@ -70,6 +73,7 @@ pub fn router(app: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn(envelope::envelope))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             crate::metrics::track,
@@ -108,7 +112,7 @@ pub fn authorize(app: &App, headers: &HeaderMap, queue: &str) -> Result<(), ApiE
 
 async fn healthz(State(app): State<AppState>) -> Response {
     if *app.shutdown.borrow() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
     (StatusCode::OK, "ok\n").into_response()
 }
@@ -116,7 +120,9 @@ async fn healthz(State(app): State<AppState>) -> Response {
 async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
     let store = Arc::clone(&app.store);
     let stats = blocking(move || Ok::<_, cinder::Error>(store.stats())).await?;
-    let text = app.metrics.render(&stats, app.accounts.len());
+    let text = app
+        .metrics
+        .render(&stats, app.accounts.len(), &app.conn_stats);
     Ok((
         [(
             header::CONTENT_TYPE,
