@@ -101,10 +101,24 @@ pub struct Cli {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
 
+    /// Log lines on stderr as `text` or `json`; levels and targets come from `RUST_LOG`
+    /// (default `info`; `RUST_LOG=info,cinder_relay::access=off` drops the access log).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// Live WebSocket sessions per queue: a new session displaces the oldest beyond this
     /// (close code 4001), like a device reconnecting. Raise it for multi-reader setups.
     #[arg(long, default_value_t = 1)]
     pub sessions_per_queue: usize,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -49,7 +49,7 @@ impl ApiError {
 
     /// Logs an unexpected failure (never with request data) and returns a 500.
     pub fn internal_logged(what: &str, err: &dyn std::fmt::Display) -> Self {
-        crate::log(&format!("error: {what}: {err}"));
+        tracing::error!("{what}: {err}");
         Self::internal()
     }
 }

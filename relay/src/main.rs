@@ -13,13 +13,13 @@ mod sessions;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Notify, Semaphore};
+use tracing::{error, info, warn};
 
 use crate::accounts::Accounts;
 use crate::cli::Cli;
@@ -29,17 +29,36 @@ use crate::routes::{App, Config};
 /// How long shutdown waits for in-flight requests, then for WebSocket sessions.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// One log line on stderr. Callers never pass payloads, tokens, keys or queue ids.
-pub fn log(msg: &str) {
-    eprintln!("cinder-relay: {msg}");
+/// Logs go to stderr through `tracing`: levels and targets filtered by `RUST_LOG`
+/// (default `info`; the access log is the target `cinder_relay::access`), as text or as
+/// JSON lines. A background thread writes them, so a slow stderr does not stall the
+/// async workers (it blocks them only once its buffer is full: lines are not dropped).
+/// No call site passes payloads, tokens, keys, queue ids or client addresses.
+fn init_logging(format: cli::LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    use tracing_subscriber::EnvFilter;
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("cinder-relay-log")
+        .finish(std::io::stderr());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(false);
+    match format {
+        cli::LogFormat::Text => logs.init(),
+        cli::LogFormat::Json => logs.json().init(),
+    }
+    guard
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let _logs = init_logging(cli.log_format);
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log(&format!("fatal: {e}"));
+            error!("fatal: {e}");
             ExitCode::FAILURE
         }
     }
@@ -103,12 +122,12 @@ fn open_key(
         Ok(k) => Ok((k, false)),
         Err(cinder::Error::KeyFileMissing { .. }) if !data_has_files => {
             let key = cinder::FileKeyProvider::create(path)?;
-            log(&format!(
-                "WARNING: generated a new master key at {} (mode 0600). Anyone with this file \
+            warn!(
+                "generated a new master key at {} (mode 0600). Anyone with this file \
                  and the data dir can read stored messages; losing it loses them. Production \
                  wants an HSM or a key on separate storage, never next to the data.",
                 resolve(path).display()
-            ));
+            );
             Ok((key, true))
         }
         Err(cinder::Error::KeyFileMissing { .. }) => Err(format!(
@@ -196,10 +215,10 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
     let (accounts, acc_report) = Accounts::open(&accounts_path)
         .map_err(|e| format!("accounts file {}: {e}", accounts_path.display()))?;
     if acc_report.created && data_has_files {
-        log("WARNING: new accounts file for a data dir that holds data: earlier accounts are gone, their messages expire unread");
+        warn!("new accounts file for a data dir that holds data: earlier accounts are gone, their messages expire unread");
     }
     if acc_report.torn_tail_dropped {
-        log("accounts file: dropped a torn last record (a change interrupted by a crash, never acknowledged)");
+        warn!("accounts file: dropped a torn last record (a change interrupted by a crash, never acknowledged)");
     }
 
     let listener = std::net::TcpListener::bind(cli.listen)
@@ -242,7 +261,7 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
         rec.segments, rec.live
     );
     if !local.ip().is_loopback() {
-        log("WARNING: listening beyond loopback without TLS; put a TLS-terminating proxy in front (and note that per-client limits then see the proxy's address)");
+        warn!("listening beyond loopback without TLS; put a TLS-terminating proxy in front (and note that per-client limits then see the proxy's address)");
     }
 
     // Engine calls that can block on I/O (sends, reads, acks) run on the blocking pool;
@@ -265,9 +284,9 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
     let closed = store.flush().and_then(|()| store.close());
     rt.shutdown_timeout(Duration::from_secs(5));
     match (&result, closed) {
-        (_, Err(e)) => log(&format!("error closing the store: {e}")),
-        (Ok(()), Ok(())) => log("store flushed and closed; bye"),
-        (Err(_), Ok(())) => log("store flushed and closed"),
+        (_, Err(e)) => error!("closing the store: {e}"),
+        (Ok(()), Ok(())) => info!("store flushed and closed; bye"),
+        (Err(_), Ok(())) => info!("store flushed and closed"),
     }
     result
 }
@@ -330,9 +349,7 @@ async fn serve(
             });
         }
     };
-    log(&format!(
-        "{sig}: shutting down: no new connections, finishing in-flight requests"
-    ));
+    info!("{sig}: shutting down: no new connections, finishing in-flight requests");
     let _ = shutdown_tx.send(true);
     let server = server.await?;
     // Idle connections close at once, requests in flight finish, WebSocket sessions close
@@ -340,18 +357,18 @@ async fn serve(
     // within --header-timeout.
     let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
     if !server.drain(deadline).await {
-        log(&format!(
+        warn!(
             "{} connections did not close in time; closing anyway",
             server.open()
-        ));
+        );
     }
     loop {
         let ended = app.ws_ended.notified();
-        if app.metrics.ws_open.load(Ordering::SeqCst) == 0 {
+        if app.metrics.ws_open.get() == 0 {
             break;
         }
         if tokio::time::timeout_at(deadline, ended).await.is_err() {
-            log("WebSocket sessions did not close in time; closing anyway");
+            warn!("WebSocket sessions did not close in time; closing anyway");
             break;
         }
     }

@@ -97,7 +97,7 @@ impl Server {
                 Err(e) => {
                     // EMFILE and friends: the cap should keep us clear of them; if not,
                     // do not spin.
-                    crate::log(&format!("error: accept: {e}"));
+                    tracing::warn!("accept: {e}");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
@@ -217,15 +217,15 @@ impl CapLog {
         if let Some((at, n)) = &mut self.episode {
             *n += 1;
             if at.elapsed() >= CAP_LOG_EVERY {
-                crate::log(&format!(
+                tracing::warn!(
                     "connection cap {max} still reached: {n} connections refused so far (raise --max-connections or the open-files limit)"
-                ));
+                );
                 *at = Instant::now();
             }
         } else {
-            crate::log(&format!(
+            tracing::warn!(
                 "connection cap {max} reached: refusing new connections with 503 (raise --max-connections or the open-files limit)"
-            ));
+            );
             self.episode = Some((Instant::now(), 1));
         }
     }
@@ -234,9 +234,7 @@ impl CapLog {
         // Logged once there is room again for a tenth of the cap, not at every accept.
         if available >= max / 10 {
             if let Some((_, n)) = self.episode.take() {
-                crate::log(&format!(
-                    "accepting connections again; {n} were refused at the cap"
-                ));
+                tracing::info!("accepting connections again; {n} were refused at the cap");
             }
         }
     }

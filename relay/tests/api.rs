@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_flow_account_send_read_ack_empty() {
@@ -400,13 +401,14 @@ async fn healthz_and_metrics() {
     assert!(resp.headers()["content-type"]
         .to_str()
         .unwrap()
-        .starts_with("text/plain"));
+        .starts_with("application/openmetrics-text"));
     let text = resp.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
     for want in [
         "cinder_relay_http_requests_total{method=\"PUT\",route=\"/v1/queues/{queue}/messages\",status=\"201\"} 1",
         "cinder_relay_http_requests_total{method=\"PUT\",route=\"/v1/queues/{queue}/messages\",status=\"404\"} 1",
         "cinder_relay_http_requests_total{method=\"POST\",route=\"/v1/accounts\",status=\"201\"} 1",
-        "cinder_relay_http_request_duration_seconds_bucket{method=\"PUT\",route=\"/v1/queues/{queue}/messages\",le=\"+Inf\"} 2",
+        "cinder_relay_http_request_duration_seconds_bucket{le=\"+Inf\",method=\"PUT\",route=\"/v1/queues/{queue}/messages\"} 2",
         "cinder_relay_accounts 1",
         "cinder_relay_messages_sent_total 1",
         "cinder_relay_messages_acked_total 1",
@@ -481,4 +483,49 @@ async fn made_up_methods_do_not_grow_the_metrics() {
     // Same label set: only counts changed.
     let second = metrics().await;
     assert_eq!(first.lines().count(), second.lines().count());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_name_the_route_not_the_queue_and_json_logs_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Relay::start(dir.path(), &[NO_LIMITS, &["--log-format", "json"]].concat());
+    let c = client();
+    let (q, t) = account(&c, &r).await;
+    send_ok(&c, &r, &q, b"logged?").await;
+    let resp = c
+        .get(r.url(&format!("/v1/queues/{q}/messages")))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let st = r.signal_and_wait("TERM", Duration::from_secs(15));
+    assert!(st.success());
+    let log = r.stderr();
+    assert!(!log.contains(&q) && !log.contains(&t), "{log}");
+    let mut access = Vec::new();
+    for line in log.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string(), "{line}");
+        if v["target"] == "cinder_relay::access" {
+            access.push((
+                v["fields"]["method"].as_str().unwrap().to_string(),
+                v["fields"]["route"].as_str().unwrap().to_string(),
+                v["fields"]["status"].as_u64().unwrap(),
+            ));
+            assert!(v["fields"]["micros"].is_u64(), "{line}");
+        }
+    }
+    for want in [
+        ("POST", "/v1/accounts", 201),
+        ("PUT", "/v1/queues/{queue}/messages", 201),
+        ("GET", "/v1/queues/{queue}/messages", 200),
+    ] {
+        assert!(
+            access
+                .iter()
+                .any(|(m, r, s)| (m.as_str(), r.as_str(), *s) == want),
+            "no access line {want:?} in {access:?}"
+        );
+    }
 }

@@ -118,19 +118,21 @@ async fn healthz(State(app): State<AppState>) -> Response {
 }
 
 async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
-    let store = Arc::clone(&app.store);
-    let stats = blocking(move || Ok::<_, cinder::Error>(store.stats())).await?;
-    let text = app
-        .metrics
-        .render(&stats, app.accounts.len(), &app.conn_stats);
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response())
+    let a = Arc::clone(&app);
+    let text = blocking(move || {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &a.conn_stats;
+        let snap = crate::metrics::Snapshot {
+            stats: a.store.stats(),
+            accounts: a.accounts.len() as u64,
+            connections_open: c.open.load(Relaxed),
+            connections_accepted: c.accepted.load(Relaxed),
+            connections_refused: c.refused.load(Relaxed),
+        };
+        Ok::<_, cinder::Error>(a.metrics.render(&snap))
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@
 //! anything else for [`SILENT_LIMIT`] is closed (1001 is not right for that; 1008).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -59,7 +58,7 @@ struct Slot(AppState);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.metrics.ws_open.fetch_sub(1, Ordering::SeqCst);
+        self.0.metrics.ws_open.dec();
         self.0.ws_ended.notify_waiters();
     }
 }
@@ -97,7 +96,7 @@ pub async fn upgrade(
         Ok(s) => s,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    app.metrics.ws_open.fetch_add(1, Ordering::SeqCst);
+    app.metrics.ws_open.inc();
     let slot = Slot(Arc::clone(&app));
     upgrade
         .max_message_size(MAX_CLIENT_MESSAGE)
@@ -185,7 +184,7 @@ fn after_wait(r: cinder::Result<()>) -> Next {
 }
 
 fn internal_error(what: &str, e: &dyn std::fmt::Display) -> Next {
-    crate::log(&format!("error: websocket {what}: {e}"));
+    tracing::error!("websocket {what}: {e}");
     Next::End(Some(close(close_code::ERROR, "internal error")))
 }
 
@@ -381,11 +380,11 @@ impl Session {
                 return Err(Some(close(close_code::AWAY, "server shutting down")))
             }
             Ok(Err(e)) => {
-                crate::log(&format!("error: websocket read: {e}"));
+                tracing::error!("websocket read: {e}");
                 return Err(Some(close(close_code::ERROR, "internal error")));
             }
             Err(e) => {
-                crate::log(&format!("error: websocket read task: {e}"));
+                tracing::error!("websocket read task: {e}");
                 return Err(Some(close(close_code::ERROR, "internal error")));
             }
         };
