@@ -195,7 +195,12 @@ pub struct Options {
     /// Stored bytes per queue, at most (default 1 GiB). Counts whole frames: the payload
     /// plus 77 bytes and the queue id's length per message.
     pub max_queue_bytes: u64,
-    /// Bytes the data dir may use (default 64 GiB).
+    /// Bytes the segment files may occupy (default 64 GiB), counted as they sit on disk:
+    /// a segment being written counts its whole preallocated `segment_size`, a sealed one
+    /// its length. An append that would take them past it is `DiskQuotaExceeded`. Acks
+    /// and compaction are never refused by it (they are how space comes back), and the
+    /// spare segment made ahead for them can take the files one segment past it; the key
+    /// files (`KEYS`, `KEYS.audit`) are not counted (`Stats::bytes_on_disk` shows them).
     pub max_disk_bytes: u64,
     /// Bound on how long an acked or expired message stays decryptable (default 60 s).
     /// Whole dead segments are shredded well within it; rewriting partly dead segments

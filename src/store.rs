@@ -72,7 +72,8 @@ pub struct NewMessage<'a> {
 pub struct Stats {
     /// Segment files (each with its own key).
     pub segments: u64,
-    /// Bytes of segment data and keystore on disk.
+    /// Bytes the data dir occupies: segment files (a segment being written counts its
+    /// whole preallocated size), the keystore and the key audit log.
     pub bytes_on_disk: u64,
     /// Messages in the index (appended, not acked, not yet removed as expired).
     pub live_messages: u64,
@@ -783,7 +784,12 @@ impl Store {
         for seg in i.segments.all() {
             s.segments += 1;
             s.uncompactable_segments += u64::from(seg.uncompactable.load(Ordering::SeqCst));
-            s.bytes_on_disk += seg.data_len();
+            s.bytes_on_disk += if seg.closed.load(Ordering::SeqCst) {
+                seg.data_len()
+            } else {
+                // Preallocated whole until it is sealed.
+                seg.data_len().max(i.opts.segment_size)
+            };
             let live = seg.live.load(Ordering::SeqCst);
             let dead = seg.records.load(Ordering::SeqCst).saturating_sub(live);
             s.dead_records += dead;
@@ -820,8 +826,14 @@ impl Store {
             s.shred_latency_p99 = Some(pick(99));
             s.shred_latency_max = Some(pick(100));
         }
-        if let Ok(m) = std::fs::metadata(i.dir.join(crate::keys::keystore::FILE_NAME)) {
-            s.bytes_on_disk += m.len();
+        for name in [
+            crate::keys::keystore::FILE_NAME,
+            crate::keys::audit::FILE_NAME,
+            crate::keys::audit::ARCHIVE_V1,
+        ] {
+            if let Ok(m) = std::fs::metadata(i.dir.join(name)) {
+                s.bytes_on_disk += m.len();
+            }
         }
         if oldest != u64::MAX {
             s.oldest_live_age = Some(Duration::from_millis(now.saturating_sub(oldest)));

@@ -189,11 +189,13 @@ pub fn shred_dead(inner: &Inner, now: u64) -> Result<usize> {
                     a.links.lock().copies.remove(id);
                 }
             }
-            inner.writer.disk_used.fetch_sub(
-                seg.data_len()
-                    .min(inner.writer.disk_used.load(Ordering::SeqCst)),
-                Ordering::SeqCst,
-            );
+            let len = seg.data_len();
+            let _ = inner
+                .writer
+                .disk_used
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                    Some(u.saturating_sub(len))
+                });
             if let Err(e) = seg.unlink() {
                 unlink_err.get_or_insert(e);
             }

@@ -170,7 +170,8 @@ pub struct Writer {
     /// writer's round skip that lock in the common case.
     refusing: std::sync::atomic::AtomicBool,
     failed: OnceLock<(String, FailureCause)>,
-    /// Bytes of data in all live segments (preallocation not counted).
+    /// Bytes the live segment files occupy: the whole preallocated size of a segment
+    /// being written, the file's length once it is sealed (and truncated).
     pub disk_used: AtomicU64,
     /// Called with segment ids whose live count may have reached zero.
     on_dead: OnceLock<Callback>,
@@ -382,7 +383,7 @@ impl Writer {
             a.tail += len;
             a.last_used_ms = now_ms;
             a.seg.add_message(expires_at_ms, now_ms);
-            self.disk_used.fetch_add(len, Ordering::SeqCst);
+            // The frame goes into space the segment's preallocation already counted.
             return Ok(Some(Reservation {
                 seg: Arc::clone(&a.seg),
                 offset,
@@ -457,8 +458,9 @@ impl Writer {
 
     fn create_segment(&self) -> Result<Arc<Segment>> {
         let seg = Arc::new(self.keyring.create_segment(self.cfg.segment_size)?);
+        // Preallocated whole: that is what the file occupies until it is sealed.
         self.disk_used
-            .fetch_add(HEADER_LEN as u64, Ordering::SeqCst);
+            .fetch_add(self.cfg.segment_size, Ordering::SeqCst);
         self.segments.insert(Arc::clone(&seg));
         Ok(seg)
     }
@@ -1104,7 +1106,6 @@ impl Writer {
             let off = a.tail;
             a.tail += len;
             a.taken = a.tail;
-            self.disk_used.fetch_add(len, Ordering::SeqCst);
             frames.push((Arc::clone(&a.seg), off, chunk.iter().map(|e| e.0).collect()));
             consumed += chunk.len();
         }
@@ -1240,7 +1241,13 @@ impl Writer {
             let end = tail + f.len() as u64;
             seg.truncate(end)?;
             seg.sync()?;
-            self.disk_used.fetch_add(f.len() as u64, Ordering::SeqCst);
+            // Truncated from its preallocated size to its sealed length.
+            let freed = self.cfg.segment_size.saturating_sub(end);
+            let _ = self
+                .disk_used
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                    Some(u.saturating_sub(freed))
+                });
             seg.written.store(end, Ordering::SeqCst);
             seg.durable.store(end, Ordering::SeqCst);
             seg.map_for_reading()?;
