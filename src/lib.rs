@@ -27,6 +27,7 @@ mod error;
 pub mod format;
 mod fsutil;
 mod gc;
+mod health;
 mod index;
 pub mod keys;
 mod options;
@@ -44,6 +45,7 @@ pub use audit::{
 pub use error::{CorruptionKind, Error, FailureCause, HsmFailure, Result};
 pub use format::audit::{AuditEvent, AuditRecord};
 pub use format::padding::Padding;
+pub use health::Health;
 pub use keys::{
     FileKeyProvider, KeyProvider, PinSource, Pkcs11Config, Pkcs11KeyProvider, RotationReport,
 };

@@ -767,6 +767,19 @@ impl Store {
         Ok(Subscription::new(Arc::clone(&self.inner), queue, after))
     }
 
+    /// Whether appends can be taken now (see [`Health`](crate::Health)): the writer
+    /// stopped, the disk quota is reached for a largest-size message, the disk refused
+    /// the last segment needed, or the store is closed. Cheap (no I/O): for health checks.
+    pub fn health(&self) -> crate::Health {
+        if self.inner.is_closed() {
+            return crate::Health::Closed;
+        }
+        let o = &self.inner.opts;
+        let body = padding::padded_len(o.padding, o.max_message_size);
+        let largest = codec::message_frame_len(MAX_QUEUE_ID, body);
+        self.inner.writer.health(largest as u64)
+    }
+
     /// Engine counters.
     pub fn stats(&self) -> Stats {
         let i = &self.inner;

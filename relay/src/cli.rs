@@ -20,6 +20,11 @@ pub struct Cli {
     #[arg(long, default_value = "127.0.0.1:7878")]
     pub listen: SocketAddr,
 
+    /// Serve `/metrics` (and `/healthz`) on this address instead of on `--listen`, so the
+    /// metrics can stay on an internal network; the API listener then has no `/metrics`.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// The store's data directory (created 0700 if missing).
     #[arg(long, default_value = "./cinder-data")]
     pub data: PathBuf,
@@ -32,6 +37,12 @@ pub struct Cli {
     /// Accounts file: queue ids and token hashes (never tokens), 0600, outside the data dir.
     #[arg(long, default_value = "./cinder-accounts")]
     pub accounts: PathBuf,
+
+    /// Start with a new, empty accounts file although the data dir holds data (the old
+    /// accounts file is lost): earlier accounts are gone and their messages expire unread.
+    /// Without it such a start is refused.
+    #[arg(long)]
+    pub accept_new_accounts_file: bool,
 
     /// When a write is acknowledged: `sync` (fsync per call), `group` (shared fsyncs,
     /// still durable before the reply) or `async` (fsync within 100 ms).
@@ -59,9 +70,15 @@ pub struct Cli {
     #[arg(long, default_value_t = 100_000)]
     pub queue_quota_messages: u64,
 
-    /// Bytes the data dir may use (507 above it).
+    /// Bytes the segment files may occupy on disk (507 above it), counting the whole
+    /// preallocated size of each segment being written. At least 16 segments.
     #[arg(long, default_value = "64GiB", value_parser = parse_bytes)]
     pub disk_quota_bytes: u64,
+
+    /// Size of a segment file (64KiB ..= 1GiB): the unit of preallocation and of
+    /// shredding. Must hold two messages of --max-message-bytes.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    pub segment_size: u64,
 
     /// Bound on how long an acked or expired message stays decryptable on disk.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]

@@ -66,13 +66,53 @@ fn main() -> ExitCode {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The flags' one rule for zero: `0` turns a rate limit off (`--send-rate`,
+/// `--accounts-per-minute`, `--recipient-bytes-per-minute`); every other number is a cap
+/// or a duration that a `0` would make refuse every request, so it must be at least 1
+/// (and within its range), checked here at start.
 fn check_flags(cli: &Cli) -> Result<(), String> {
+    check_messages(cli)?;
+    check_storage(cli)?;
+    check_rates(cli)?;
+    check_connections(cli)
+}
+
+fn check_messages(cli: &Cli) -> Result<(), String> {
     if cli.default_ttl.is_zero() || cli.default_ttl > cli.max_ttl {
         return Err("--default-ttl must be positive and at most --max-ttl".into());
     }
     if cli.max_message_bytes == 0 || cli.max_message_bytes > 16 << 20 {
         return Err("--max-message-bytes must be 1 ..= 16MiB".into());
     }
+    if cli.queue_quota_messages == 0 || cli.queue_quota_bytes == 0 {
+        return Err("--queue-quota-messages and --queue-quota-bytes must be at least 1 (0 would refuse every send)".into());
+    }
+    if cli.max_shred_delay < Duration::from_secs(1) {
+        return Err("--max-shred-delay must be at least 1s".into());
+    }
+    Ok(())
+}
+
+fn check_storage(cli: &Cli) -> Result<(), String> {
+    if !(64 << 10..=1 << 30).contains(&cli.segment_size) {
+        return Err("--segment-size must be 64KiB ..= 1GiB".into());
+    }
+    if (cli.max_message_bytes + 1024) * 2 > cli.segment_size {
+        return Err("--segment-size must hold two messages of --max-message-bytes".into());
+    }
+    // Up to 8 expiry buckets, the ack segment, compaction survivors and a spare are
+    // preallocated at once, and the quota counts them whole.
+    if cli.disk_quota_bytes < 16 * cli.segment_size {
+        return Err(format!(
+            "--disk-quota-bytes must be at least 16 segments ({} bytes with --segment-size {}): the segments being written count whole",
+            16 * cli.segment_size,
+            cli.segment_size
+        ));
+    }
+    Ok(())
+}
+
+fn check_rates(cli: &Cli) -> Result<(), String> {
     if cli.recipient_bytes_per_minute != 0 && cli.recipient_bytes_per_minute < cli.max_message_bytes
     {
         return Err("--recipient-bytes-per-minute must be at least --max-message-bytes".into());
@@ -84,6 +124,10 @@ fn check_flags(cli: &Cli) -> Result<(), String> {
     {
         return Err("rates must be >= 0 and --send-burst >= 1".into());
     }
+    Ok(())
+}
+
+fn check_connections(cli: &Cli) -> Result<(), String> {
     if cli.max_ws_connections == 0 || cli.max_ws_connections > 1_000_000 {
         return Err("--max-ws-connections must be 1 ..= 1000000".into());
     }
@@ -141,6 +185,67 @@ fn open_key(
     }
 }
 
+/// Where the files are, checked before anything is created.
+#[derive(Debug)]
+struct Paths {
+    key: PathBuf,
+    accounts: PathBuf,
+    data_has_files: bool,
+}
+
+/// Refuses, before a key or an accounts file is created: a key file or accounts file
+/// inside the data dir (either would sit next to the data it protects or describes), the
+/// same file for both, and a data dir that holds data while its accounts file is missing
+/// (the accounts would be gone: every message would expire unread) unless
+/// `--accept-new-accounts-file` says that is meant.
+fn check_paths(cli: &Cli) -> Result<Paths, BoxError> {
+    let data = cli
+        .data
+        .canonicalize()
+        .unwrap_or_else(|_| resolve(&cli.data));
+    let key = resolve(&cli.key_file);
+    let accounts = resolve(&cli.accounts);
+    if key.starts_with(&data) {
+        return Err(format!(
+            "the master key file {} is inside the data dir {}; keep it outside (--key-file)",
+            key.display(),
+            data.display()
+        )
+        .into());
+    }
+    if accounts.starts_with(&data) {
+        return Err(format!(
+            "the accounts file {} is inside the data dir; keep it outside (--accounts)",
+            accounts.display()
+        )
+        .into());
+    }
+    if accounts == key {
+        return Err("--accounts and --key-file must be different files".into());
+    }
+    let data_has_files = std::fs::read_dir(&cli.data)
+        .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != "LOCK")));
+    if data_has_files && !accounts.exists() && !cli.accept_new_accounts_file {
+        return Err(format!(
+            "the data dir {} holds data but the accounts file {} is missing: restore it, or \
+             pass --accept-new-accounts-file to start with no accounts (every stored message \
+             then expires unread)",
+            data.display(),
+            accounts.display()
+        )
+        .into());
+    }
+    Ok(Paths {
+        key,
+        accounts,
+        data_has_files,
+    })
+}
+
+/// Connections the operations listener (`--metrics-listen`) takes at most: scrapers and
+/// health checkers, not clients.
+const OPS_CONNECTIONS: usize = 64;
+
 /// File descriptors kept for everything but client sockets: segment files, the
 /// keystore and audit log, the listener, sockets being refused over the cap.
 const FD_RESERVE: u64 = 1024;
@@ -186,10 +291,9 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
     let (fd_limit, raised_from) = raise_fd_limit();
     let caps = caps(cli, fd_limit);
 
-    let data_has_files = std::fs::read_dir(&cli.data)
-        .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != "LOCK")));
-    let (key, key_created) = open_key(&cli.key_file, &cli.data, data_has_files)?;
-    let key_path = resolve(&cli.key_file);
+    let paths = check_paths(cli)?;
+    let (key, key_created) = open_key(&cli.key_file, &cli.data, paths.data_has_files)?;
+    let key_path = paths.key;
     let mut opts = cinder::Options::new(Arc::new(key));
     opts.durability = cli.durability.to_engine();
     opts.max_message_size = cli.max_message_bytes as usize;
@@ -197,25 +301,16 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
     opts.max_queue_bytes = cli.queue_quota_bytes;
     opts.max_queue_len = cli.queue_quota_messages;
     opts.max_disk_bytes = cli.disk_quota_bytes;
+    opts.segment_size = cli.segment_size;
     opts.max_shred_delay = cli.max_shred_delay;
     let store = cinder::Store::open(&cli.data, opts)?;
     let data_dir = cli.data.canonicalize()?;
 
-    let accounts_path = resolve(&cli.accounts);
-    if accounts_path.starts_with(&data_dir) {
-        return Err(format!(
-            "the accounts file {} is inside the data dir; keep it outside (--accounts)",
-            accounts_path.display()
-        )
-        .into());
-    }
-    if accounts_path == key_path {
-        return Err("--accounts and --key-file must be different files".into());
-    }
+    let accounts_path = paths.accounts;
     let (accounts, acc_report) = Accounts::open(&accounts_path)
         .map_err(|e| format!("accounts file {}: {e}", accounts_path.display()))?;
-    if acc_report.created && data_has_files {
-        warn!("new accounts file for a data dir that holds data: earlier accounts are gone, their messages expire unread");
+    if acc_report.created && paths.data_has_files {
+        warn!("--accept-new-accounts-file: new accounts file for a data dir that holds data: earlier accounts are gone, their messages expire unread");
     }
     if acc_report.torn_tail_dropped {
         warn!("accounts file: dropped a torn last record (a change interrupted by a crash, never acknowledged)");
@@ -225,6 +320,16 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
         .map_err(|e| format!("cannot listen on {}: {e}", cli.listen))?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
+    let ops_listener = match cli.metrics_listen {
+        Some(a) => {
+            let l = std::net::TcpListener::bind(a)
+                .map_err(|e| format!("cannot listen on {a} (--metrics-listen): {e}"))?;
+            l.set_nonblocking(true)?;
+            let addr = l.local_addr()?;
+            Some((l, addr))
+        }
+        None => None,
+    };
 
     let rec = store.recovery_report();
     println!("cinder-relay {}", env!("CARGO_PKG_VERSION"));
@@ -274,8 +379,8 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
     let result = rt.block_on(serve(
         cli,
         caps,
-        listener,
-        local,
+        (listener, local),
+        ops_listener,
         Arc::clone(&store),
         accounts,
     ));
@@ -294,8 +399,8 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
 async fn serve(
     cli: &Cli,
     caps: Caps,
-    listener: std::net::TcpListener,
-    local: SocketAddr,
+    (listener, local): (std::net::TcpListener, SocketAddr),
+    ops: Option<(std::net::TcpListener, SocketAddr)>,
     store: Arc<cinder::Store>,
     accounts: Accounts,
 ) -> Result<(), BoxError> {
@@ -323,7 +428,12 @@ async fn serve(
         sessions: Arc::new(sessions::Sessions::new(cli.sessions_per_queue)),
         conn_stats: Arc::default(),
     });
-    let router = routes::router(Arc::clone(&app));
+    let metrics_on = if ops.is_some() {
+        routes::MetricsOn::OpsListener
+    } else {
+        routes::MetricsOn::Api
+    };
+    let router = routes::router(Arc::clone(&app), metrics_on);
     let limits = server::Limits {
         max_connections: caps.connections,
         header_timeout: cli.header_timeout,
@@ -335,6 +445,24 @@ async fn serve(
         Arc::clone(&app.conn_stats),
         shutdown_rx.clone(),
     ));
+    let ops_server = match ops {
+        Some((l, addr)) => {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            let limits = server::Limits {
+                max_connections: OPS_CONNECTIONS,
+                header_timeout: cli.header_timeout,
+            };
+            println!("metrics on  http://{addr}/metrics");
+            Some(tokio::spawn(server::Server::run(
+                l,
+                routes::ops_router(Arc::clone(&app)),
+                limits,
+                Arc::default(),
+                shutdown_rx.clone(),
+            )))
+        }
+        None => None,
+    };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     println!("listening on http://{local}");
@@ -352,6 +480,9 @@ async fn serve(
     info!("{sig}: shutting down: no new connections, finishing in-flight requests");
     let _ = shutdown_tx.send(true);
     let server = server.await?;
+    if let Some(ops) = ops_server {
+        ops.await?;
+    }
     // Idle connections close at once, requests in flight finish, WebSocket sessions close
     // (they were told to) and apply the acks they received; silent sockets are gone
     // within --header-timeout.

@@ -529,3 +529,41 @@ async fn access_log_lines_name_the_route_not_the_queue_and_json_logs_parse() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_listen_moves_metrics_off_the_api_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Relay::start(
+        dir.path(),
+        &[NO_LIMITS, &["--metrics-listen", "127.0.0.1:0"]].concat(),
+    );
+    let ops = r
+        .stdout_lines
+        .iter()
+        .find_map(|l| l.strip_prefix("metrics on  "))
+        .unwrap_or_else(|| panic!("no metrics address in {:?}", r.stdout_lines))
+        .trim()
+        .to_string();
+    assert!(ops.starts_with("http://127.0.0.1:"), "{ops}");
+    let c = client();
+    account(&c, &r).await;
+    let api = c.get(r.url("/metrics")).send().await.unwrap();
+    assert_eq!(api.status(), 404, "the API still serves /metrics");
+    let resp = c.get(&ops).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("cinder_relay_accounts 1"), "{text}");
+    let health = c
+        .get(ops.replace("/metrics", "/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    // The ops listener serves nothing of the API.
+    let accounts = c
+        .post(ops.replace("/metrics", "/v1/accounts"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accounts.status(), 404);
+}

@@ -94,7 +94,9 @@ async fn disk_quota_is_507() {
             NO_LIMITS,
             &[
                 "--disk-quota-bytes",
-                "256KiB",
+                "1MiB",
+                "--segment-size",
+                "64KiB",
                 "--max-message-bytes",
                 "16KiB",
             ],
@@ -117,6 +119,13 @@ async fn disk_quota_is_507() {
         .await
         .unwrap();
     assert!(m.contains("status=\"507\"} 1"), "{m}");
+    // Health says sends would fail, and why.
+    let resp = c.get(r.url("/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["status"], "degraded", "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("disk quota"), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,6 +227,16 @@ fn bad_flags_are_refused_at_start() {
             d.join("data").join("accounts").to_str().unwrap(),
         ],
         &["--recipient-bytes-per-minute", "1KiB"],
+        // Zero caps would refuse every request: refused at start (0 is "off" only for
+        // the rate limits).
+        &["--queue-quota-messages", "0"],
+        &["--queue-quota-bytes", "0"],
+        &["--max-connections", "0"],
+        &["--header-timeout", "0"],
+        &["--max-shred-delay", "0"],
+        // A quota that cannot hold the segments being written.
+        &["--disk-quota-bytes", "512MiB"],
+        &["--segment-size", "1KiB"],
     ] {
         let out = run(args);
         assert!(!out.status.success(), "{args:?} was accepted");
@@ -233,6 +252,7 @@ fn bad_flags_are_refused_at_start() {
         .arg(d.join("key2"))
         .arg("--accounts")
         .arg(d.join("accounts2"))
+        .arg("--accept-new-accounts-file")
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -259,4 +279,48 @@ fn bad_flags_are_refused_at_start() {
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
+}
+
+#[test]
+fn paths_are_checked_before_anything_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |data: &str, key: &str, accounts: &str, extra: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--data"])
+            .arg(d.join(data))
+            .arg("--key-file")
+            .arg(d.join(key))
+            .arg("--accounts")
+            .arg(d.join(accounts))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // A key inside the data dir is refused before it is generated (and before the data
+    // dir is made).
+    let out = run("fresh", "fresh/master.key", "acc", &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("inside the data dir"), "{err}");
+    assert!(!d.join("fresh/master.key").exists(), "a key was generated");
+    assert!(!d.join("acc").exists());
+
+    // A data dir that holds data with its accounts file gone: refused, nothing created;
+    // with --accept-new-accounts-file it starts (and says what that means).
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    std::fs::write(d.join("data").join("KEYS"), b"x").unwrap();
+    std::fs::write(d.join("key"), [7u8; 32]).unwrap();
+    let out = run("data", "key", "gone", &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("accounts file") && err.contains("missing"),
+        "{err}"
+    );
+    assert!(!d.join("gone").exists(), "an accounts file was created");
+    let out = run("data", "key", "gone", &["--accept-new-accounts-file"]);
+    // The made-up KEYS does not open, but the accounts check let it through to the store.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("is missing"), "{err}");
 }

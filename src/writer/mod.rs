@@ -273,6 +273,42 @@ impl Writer {
         }
     }
 
+    /// Whether an append of a frame of `largest_frame` bytes could be taken now.
+    pub fn health(&self, largest_frame: u64) -> crate::Health {
+        use crate::Health;
+        if let Some((reason, cause)) = self.failed.get() {
+            return Health::Failed {
+                reason: reason.clone(),
+                cause: *cause,
+            };
+        }
+        let used = self.disk_used.load(Ordering::SeqCst);
+        if used.saturating_add(largest_frame) > self.cfg.max_disk_bytes {
+            return Health::DiskQuotaReached {
+                used,
+                quota: self.cfg.max_disk_bytes,
+            };
+        }
+        let st = self.state.lock();
+        if st.shutdown {
+            return Health::Closed;
+        }
+        let disk_full = |e: &Error| {
+            matches!(e, Error::DiskFull { .. })
+                || matches!(
+                    e,
+                    Error::WriterFailed {
+                        cause: FailureCause::DiskFull,
+                        ..
+                    }
+                )
+        };
+        if self.refusing.load(Ordering::SeqCst) || st.spare_error.as_ref().is_some_and(disk_full) {
+            return Health::DiskFull;
+        }
+        Health::Ok
+    }
+
     /// Marks the writer failed (the first reason wins): every call then returns
     /// `WriterFailed`, and the writer thread stops writing and exits, whichever thread
     /// found the failure.

@@ -13,7 +13,8 @@ use std::time::Duration;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
-use axum::{extract::State, middleware, Router};
+use axum::{extract::State, middleware, Json, Router};
+use serde_json::json;
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::accounts::{Accounts, Auth};
@@ -56,8 +57,19 @@ pub struct App {
 
 pub type AppState = Arc<App>;
 
-pub fn router(app: AppState) -> Router {
-    Router::new()
+/// Where `/metrics` is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsOn {
+    /// On the API listener.
+    Api,
+    /// Only on the operations listener (`--metrics-listen`): the API has no `/metrics`.
+    OpsListener,
+}
+
+/// The API: accounts, messages, WebSocket, health (and metrics unless they have a
+/// listener of their own).
+pub fn router(app: AppState, metrics_on: MetricsOn) -> Router {
+    let mut r = Router::new()
         .route("/v1/accounts", post(accounts::create))
         .route("/v1/accounts/{queue}", delete(accounts::remove))
         .route(
@@ -70,9 +82,23 @@ pub fn router(app: AppState) -> Router {
         )
         .route("/v1/queues/{queue}/ack", post(messages::ack))
         .route("/v1/queues/{queue}/ws", get(ws::upgrade))
-        .route("/healthz", get(healthz))
+        .route("/healthz", get(healthz));
+    if metrics_on == MetricsOn::Api {
+        r = r.route("/metrics", get(metrics));
+    }
+    finish(r, app)
+}
+
+/// The operations listener (`--metrics-listen`): `/metrics` and `/healthz` only.
+pub fn ops_router(app: AppState) -> Router {
+    let r = Router::new()
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::not_found("no such route") })
+        .route("/healthz", get(healthz));
+    finish(r, app)
+}
+
+fn finish(r: Router<AppState>, app: AppState) -> Router {
+    r.fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn(envelope::envelope))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&app),
@@ -110,11 +136,24 @@ pub fn authorize(app: &App, headers: &HeaderMap, queue: &str) -> Result<(), ApiE
     }
 }
 
+/// `200 {"status": "ok"}`, or `503` with the reason while sends would fail: shutting
+/// down, the disk quota reached, a full disk, a stopped writer (the store's `health()`,
+/// no I/O).
 async fn healthz(State(app): State<AppState>) -> Response {
+    let degraded = |status: &str, reason: String| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": status, "reason": reason, "error": format!("{status}: {reason}") })),
+        )
+            .into_response()
+    };
     if *app.shutdown.borrow() {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+        return degraded("shutting down", "the relay is shutting down".into());
     }
-    (StatusCode::OK, "ok\n").into_response()
+    match app.store.health() {
+        cinder::Health::Ok => Json(json!({ "status": "ok" })).into_response(),
+        h => degraded("degraded", h.to_string()),
+    }
 }
 
 async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
