@@ -78,14 +78,14 @@ impl Default for Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "cinder_relay_http_requests",
-            "HTTP requests by method (a standard one or `other`), route template and status.",
+            "HTTP requests by method (a standard one or `other`), route template and status",
             requests.clone(),
         );
         let latency =
             Family::<RouteLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
         registry.register(
             "cinder_relay_http_request_duration_seconds",
-            "HTTP request latency by method and route template (WebSocket: until the upgrade).",
+            "HTTP request latency by method and route template (WebSocket: until the upgrade)",
             latency.clone(),
         );
         let mut counter = |name: &str, help: &str| {
@@ -95,52 +95,52 @@ impl Default for Metrics {
         };
         let accounts_created = counter(
             "cinder_relay_accounts_created",
-            "Accounts created since start.",
+            "Accounts created since start",
         );
         let accounts_deleted = counter(
             "cinder_relay_accounts_deleted",
-            "Accounts deleted since start.",
+            "Accounts deleted since start",
         );
         let messages_sent = counter(
             "cinder_relay_messages_sent",
-            "Messages accepted (201) since start.",
+            "Messages accepted (201) since start",
         );
         let bytes_sent = counter(
             "cinder_relay_message_bytes_sent",
-            "Payload bytes accepted since start.",
+            "Payload bytes accepted since start",
         );
         let messages_acked = counter(
             "cinder_relay_messages_acked",
-            "Messages acked (HTTP and WebSocket) since start.",
+            "Messages acked (HTTP and WebSocket) since start",
         );
         let messages_pushed_ws = counter(
             "cinder_relay_messages_pushed",
-            "Messages pushed over WebSocket since start.",
+            "Messages pushed over WebSocket since start",
         );
         let limited_client = counter(
             "cinder_relay_rate_limited_client",
-            "Sends refused by the per-client rate limit.",
+            "Sends refused by the per-client rate limit",
         );
         let limited_recipient = counter(
             "cinder_relay_rate_limited_recipient",
-            "Sends refused by the per-recipient inbound-bytes budget.",
+            "Sends refused by the per-recipient inbound-bytes budget",
         );
         let limited_accounts = counter(
             "cinder_relay_rate_limited_accounts",
-            "Account creations refused by the per-client limit.",
+            "Account creations refused by the per-client limit",
         );
         let ws_refused = counter(
             "cinder_relay_websockets_refused",
-            "WebSocket sessions refused at the session cap.",
+            "WebSocket sessions refused at the session cap",
         );
         let ws_displaced = counter(
             "cinder_relay_websockets_displaced",
-            "WebSocket sessions closed (4001) because a newer one took their queue's place.",
+            "WebSocket sessions closed (4001) because a newer one took their queue's place",
         );
         let ws_open = Gauge::default();
         registry.register(
             "cinder_relay_websockets_open",
-            "Open WebSocket sessions.",
+            "Open WebSocket sessions",
             ws_open.clone(),
         );
         Metrics {
@@ -214,33 +214,33 @@ fn scrape_registry(snap: &Snapshot) -> Registry {
 fn scrape_gauges(r: &mut Registry, snap: &Snapshot) {
     let s = &snap.stats;
     let gauges: [(&str, &str, u64); 9] = [
-        ("cinder_relay_accounts", "Accounts (recipient queues) registered.", snap.accounts),
+        ("cinder_relay_accounts", "Accounts (recipient queues) registered", snap.accounts),
         (
             "cinder_relay_connections_open",
-            "Open client sockets (HTTP and WebSocket).",
+            "Open client sockets (HTTP and WebSocket)",
             snap.connections_open,
         ),
-        ("cinder_queues", "Queues in the engine's index.", s.queues),
-        ("cinder_segments", "Segment files, each with its own key.", s.segments),
+        ("cinder_queues", "Queues in the engine's index", s.queues),
+        ("cinder_segments", "Segment files, each with its own key", s.segments),
         (
             "cinder_bytes_on_disk",
-            "Bytes the data dir occupies on disk (segments, preallocation included, and the key files).",
+            "Bytes the data dir occupies on disk (segments, preallocation included, and the key files)",
             s.bytes_on_disk,
         ),
         (
             "cinder_live_messages",
-            "Messages stored, not acked, not yet removed as expired (all queues).",
+            "Messages stored, not acked, not yet removed as expired (all queues)",
             s.live_messages,
         ),
         (
             "cinder_dead_records",
-            "Acked or expired records still on disk, awaiting shredding.",
+            "Acked or expired records still on disk, awaiting shredding",
             s.dead_records,
         ),
-        ("cinder_live_keys", "Data keys in the keystore.", s.live_keys),
+        ("cinder_live_keys", "Data keys in the keystore", s.live_keys),
         (
             "cinder_uncompactable_segments",
-            "Segments no compaction can empty (a record that does not open).",
+            "Segments no compaction can empty (a record that does not open)",
             s.uncompactable_segments,
         ),
     ];
@@ -254,28 +254,28 @@ fn scrape_counters(r: &mut Registry, snap: &Snapshot) {
     let counters: [(&str, &str, u64); 6] = [
         (
             "cinder_relay_connections_accepted",
-            "Client sockets accepted.",
+            "Client sockets accepted",
             snap.connections_accepted,
         ),
         (
             "cinder_relay_connections_refused",
-            "Client sockets refused (503) at the connection cap.",
+            "Client sockets refused (503) at the connection cap",
             snap.connections_refused,
         ),
         (
             "cinder_shreds",
-            "Segments shredded (key destroyed, file removed) since start.",
+            "Segments shredded (key destroyed, file removed) since start",
             s.shreds,
         ),
-        ("cinder_bytes_appended", "Frame bytes appended since start.", s.bytes_appended),
+        ("cinder_bytes_appended", "Frame bytes appended since start", s.bytes_appended),
         (
             "cinder_compaction_bytes_copied",
-            "Frame bytes copied by compaction since start.",
+            "Frame bytes copied by compaction since start",
             s.bytes_copied,
         ),
         (
             "cinder_compaction_retries",
-            "Compactions that failed for a reason that may pass (disk full, key provider) and were retried.",
+            "Compactions that failed for a reason that may pass (disk full, key provider) and were retried",
             s.compaction_retries,
         ),
     ];
@@ -289,42 +289,42 @@ fn scrape_times(r: &mut Registry, s: &cinder::Stats) {
     let times: [(&str, &str, f64); 8] = [
         (
             "cinder_oldest_live_segment_age_seconds",
-            "Age of the oldest segment holding a live message (0 when none).",
+            "Age of the oldest segment holding a live message (0 when none)",
             secs(s.oldest_live_age),
         ),
         (
             "cinder_shred_latency_p50_seconds",
-            "Median time from a segment's first dead record to its key's destruction, over recent shreds.",
+            "Median time from a segment's first dead record to its key's destruction, over recent shreds",
             secs(s.shred_latency_p50),
         ),
         (
             "cinder_shred_latency_p99_seconds",
-            "99th percentile of that time over recent shreds.",
+            "99th percentile of that time over recent shreds",
             secs(s.shred_latency_p99),
         ),
         (
             "cinder_shred_latency_max_seconds",
-            "The longest of that time over recent shreds.",
+            "The longest of that time over recent shreds",
             secs(s.shred_latency_max),
         ),
         (
             "cinder_oldest_dead_openable_age_seconds",
-            "How long the oldest still-decryptable dead record has been dead (0 when none).",
+            "How long the oldest still-decryptable dead record has been dead (0 when none)",
             secs(s.oldest_dead_openable_age),
         ),
         (
             "cinder_shred_overrun_max_seconds",
-            "The most by which any dead record outlived max_shred_delay since start (0 while the deadline holds).",
+            "The most by which any dead record outlived max_shred_delay since start (0 while the deadline holds)",
             s.shred_overrun_max.as_secs_f64(),
         ),
         (
             "cinder_write_amplification",
-            "Bytes written per byte appended (appends plus compaction copies).",
+            "Bytes written per byte appended (appends plus compaction copies)",
             s.write_amplification,
         ),
         (
             "cinder_gc_error",
-            "1 if the engine's last background maintenance failed.",
+            "1 if the engine's last background maintenance failed",
             f64::from(u8::from(s.last_gc_error.is_some())),
         ),
     ];

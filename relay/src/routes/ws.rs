@@ -49,6 +49,8 @@ const WRITE_BUFFER: usize = 16 << 10;
 const READ_BATCH: usize = 64;
 /// Close code: the account was deleted.
 const CLOSE_ACCOUNT_DELETED: u16 = 4000;
+/// How long a closing session waits for the client's close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Close code: a newer session for the same queue took this one's place.
 const CLOSE_DISPLACED: u16 = 4001;
 
@@ -98,6 +100,13 @@ pub async fn upgrade(
     };
     app.metrics.ws_open.inc();
     let slot = Slot(Arc::clone(&app));
+    // Registered now, in the order the upgrade requests are answered, so the session
+    // whose upgrade came last is the one that stays (registering once the handshake is
+    // done let an older session's slower task displace the newer one). An upgrade that
+    // then fails drops its registration with the callback.
+    let queue: Arc<str> = queue.into();
+    let (reg, displaced, n) = app.sessions.register(&queue);
+    inc(&app.metrics.ws_displaced, n as u64);
     upgrade
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
@@ -106,10 +115,7 @@ pub async fn upgrade(
         .on_upgrade(move |socket| async move {
             let _slot = slot;
             let _permit = permit;
-            let queue: Arc<str> = queue.into();
-            // Registered once the handshake is done: a failed upgrade displaces nobody.
-            let (_reg, displaced, n) = app.sessions.register(&queue);
-            inc(&app.metrics.ws_displaced, n as u64);
+            let _reg = reg;
             Session::new(app, queue, gone, sub, displaced)
                 .run(socket)
                 .await;
@@ -298,7 +304,19 @@ impl Session {
             }
         };
         if let Some(m) = end {
-            let _ = socket.send(m).await;
+            if socket.send(m).await.is_ok() {
+                // The closing handshake: wait (briefly) for the client's close frame, so
+                // closing the socket does not reset the connection under the client's
+                // read of ours.
+                let _ = tokio::time::timeout(CLOSE_WAIT, async {
+                    while let Some(Ok(m)) = socket.recv().await {
+                        if matches!(m, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
         }
         drop(socket);
         self.finish_acks().await;
