@@ -54,8 +54,8 @@ pub enum Auth {
 
 struct Entry {
     hash: TokenHash,
-    /// Dropped when the account is removed: subscribers (WebSocket sessions) see
-    /// `changed()` fail and close.
+    /// Subscribers (WebSocket sessions) see `changed()` return `Ok` when the token is
+    /// replaced, and fail when the account is removed (the sender is dropped).
     gone: watch::Sender<()>,
 }
 
@@ -250,6 +250,35 @@ impl Accounts {
         Ok(true)
     }
 
+    /// Replaces `queue`'s token with a new one and returns it; the old one stops working
+    /// at once, and sessions that were opened with it are told (`subscribe`). Durable
+    /// when it returns. `None` if there is no such account.
+    pub fn rotate_token(&self, queue: &str) -> io::Result<Option<String>> {
+        let token = random_b64(TOKEN_BYTES)?;
+        let hash = hash_token(&token);
+        let mut log = self.log.lock();
+        if !self.exists(queue) {
+            return Ok(None);
+        }
+        if self.maps.read().by_hash.contains_key(&hash) {
+            return Err(io::Error::other("token collision: the OS RNG is broken"));
+        }
+        // A second "+" line for the queue replaces the first when the file is read.
+        append_line(&mut log.file, &format!("+ {queue} {}\n", hex(&hash)))?;
+        {
+            let mut maps = self.maps.write();
+            let Maps { by_queue, by_hash } = &mut *maps;
+            if let Some(e) = by_queue.get_mut(queue) {
+                by_hash.remove(&e.hash);
+                e.hash = hash;
+                by_hash.insert(hash, queue.to_string());
+                e.gone.send_replace(());
+            }
+        }
+        log.dead_lines += 1;
+        Ok(Some(token))
+    }
+
     /// Checks `token` for `queue`. The hash comparison is constant-time.
     pub fn authorize(&self, queue: &str, token: &str) -> Auth {
         let h = hash_token(token);
@@ -266,7 +295,8 @@ impl Accounts {
         }
     }
 
-    /// A receiver whose `changed()` fails once the account is removed.
+    /// A receiver whose `changed()` returns `Ok` once the token is replaced and fails once
+    /// the account is removed.
     pub fn subscribe(&self, queue: &str) -> Option<watch::Receiver<()>> {
         self.maps
             .read()
@@ -412,6 +442,26 @@ mod tests {
         assert_eq!(b.len(), 1);
         assert_eq!(b.authorize(&q1, &t1), Auth::Ok);
         assert_eq!(b.authorize(&q2, &t2), Auth::Unauthorized);
+    }
+
+    #[test]
+    fn a_rotated_token_replaces_the_old_one_at_once_and_after_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts");
+        let (a, _) = Accounts::open(&path).unwrap();
+        let (q, old) = a.create().unwrap();
+        let watch = a.subscribe(&q).unwrap();
+        let new = a.rotate_token(&q).unwrap().unwrap();
+        assert_ne!(old, new);
+        assert_eq!(a.authorize(&q, &old), Auth::Unauthorized);
+        assert_eq!(a.authorize(&q, &new), Auth::Ok);
+        assert!(watch.has_changed().unwrap(), "sessions are told");
+        assert!(a.rotate_token("nobody").unwrap().is_none());
+        drop(a);
+        let (b, _) = Accounts::open(&path).unwrap();
+        assert_eq!(b.authorize(&q, &old), Auth::Unauthorized);
+        assert_eq!(b.authorize(&q, &new), Auth::Ok);
+        assert!(!fs::read_to_string(&path).unwrap().contains(&new));
     }
 
     #[test]

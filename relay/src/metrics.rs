@@ -51,6 +51,7 @@ pub struct Metrics {
     latency: Family<RouteLabels, Histogram>,
     pub accounts_created: Counter,
     pub accounts_deleted: Counter,
+    pub tokens_rotated: Counter,
     pub messages_sent: Counter,
     pub bytes_sent: Counter,
     pub messages_acked: Counter,
@@ -101,6 +102,10 @@ impl Default for Metrics {
             "cinder_relay_accounts_deleted",
             "Accounts deleted since start",
         );
+        let tokens_rotated = counter(
+            "cinder_relay_tokens_rotated",
+            "Account tokens replaced since start",
+        );
         let messages_sent = counter(
             "cinder_relay_messages_sent",
             "Messages accepted (201) since start",
@@ -149,6 +154,7 @@ impl Default for Metrics {
             latency,
             accounts_created,
             accounts_deleted,
+            tokens_rotated,
             messages_sent,
             bytes_sent,
             messages_acked,

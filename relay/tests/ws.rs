@@ -507,3 +507,84 @@ async fn a_1mib_client_message_closes_only_that_session() {
         id
     );
 }
+
+#[tokio::test]
+async fn browsers_pass_the_token_as_a_subprotocol_and_get_cinder_v1_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Relay::start(dir.path(), NO_LIMITS);
+    let c = client();
+    let (q, t) = account(&c, &r).await;
+    let with_protocols = |protocols: String| {
+        let mut req = r.ws_url(&q).into_client_request().unwrap();
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", protocols.parse().unwrap());
+        req
+    };
+    let (mut ws, resp) =
+        tokio_tungstenite::connect_async(with_protocols(format!("cinder.v1, cinder.bearer.{t}")))
+            .await
+            .expect("the subprotocol token is accepted");
+    // The server selects cinder.v1 and never echoes the token.
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "cinder.v1");
+    let id = send_ok(&c, &r, &q, b"to a browser").await;
+    assert_eq!(
+        next_msg(&mut ws, Duration::from_secs(5)).await.unwrap().0,
+        id
+    );
+    match tokio_tungstenite::connect_async(with_protocols("cinder.v1, cinder.bearer.nope".into()))
+        .await
+    {
+        Err(WsError::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!("a wrong token was let in: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_rotated_token_ends_the_old_one_and_its_sessions_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Relay::start(dir.path(), NO_LIMITS);
+    let c = client();
+    let (q, old) = account(&c, &r).await;
+    let mut ws = open(&r, &q, &old).await;
+    let rotate = |token: &str| {
+        c.post(r.url(&format!("/v1/accounts/{q}/token")))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(rotate("wrong").await.unwrap().status(), 401);
+    let resp = rotate(&old).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let new = resp.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(new, old);
+    // The session opened with the old token is closed, and the old token is refused.
+    assert_eq!(
+        close_code_of(&mut ws, Duration::from_secs(5)).await,
+        Some(4002)
+    );
+    let read = |token: &str| {
+        c.get(r.url(&format!("/v1/queues/{q}/messages")))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(read(&old).await.unwrap().status(), 401);
+    assert_eq!(read(&new).await.unwrap().status(), 200);
+    assert!(matches!(
+        connect(&r, &q, Some(&format!("Bearer {old}"))).await,
+        Err(WsError::Http(resp)) if resp.status() == 401
+    ));
+    let _ws = open(&r, &q, &new).await;
+    // Durable: after a restart only the new token works.
+    let st = r.signal_and_wait("TERM", Duration::from_secs(15));
+    assert!(st.success());
+    let r = Relay::start(dir.path(), NO_LIMITS);
+    let read = |token: &str| {
+        c.get(r.url(&format!("/v1/queues/{q}/messages")))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(read(&old).await.unwrap().status(), 401);
+    assert_eq!(read(&new).await.unwrap().status(), 200);
+}

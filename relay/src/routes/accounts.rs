@@ -31,6 +31,24 @@ pub async fn create(
     ))
 }
 
+/// `POST /v1/accounts/{queue}/token` with the current token: a new token,
+/// `200 {"token"}`. The old one stops working at once; WebSocket sessions opened with it
+/// are closed (4002) and must reconnect with the new one.
+pub async fn rotate_token(
+    State(app): State<AppState>,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&app, &headers, &queue)?;
+    let a = Arc::clone(&app);
+    let token = blocking(move || a.accounts.rotate_token(&queue))
+        .await?
+        // Removed between the check and the rotation.
+        .ok_or(ApiError::new(StatusCode::UNAUTHORIZED, "invalid token"))?;
+    inc(&app.metrics.tokens_rotated, 1);
+    Ok(Json(json!({ "token": token })))
+}
+
 /// Removes the account, then purges its queue: `204`.
 pub async fn remove(
     State(app): State<AppState>,

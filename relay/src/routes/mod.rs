@@ -72,6 +72,7 @@ pub fn router(app: AppState, metrics_on: MetricsOn) -> Router {
     let mut r = Router::new()
         .route("/v1/accounts", post(accounts::create))
         .route("/v1/accounts/{queue}", delete(accounts::remove))
+        .route("/v1/accounts/{queue}/token", post(accounts::rotate_token))
         .route(
             "/v1/queues/{queue}/messages",
             put(messages::send).get(messages::read),
@@ -108,7 +109,7 @@ fn finish(r: Router<AppState>, app: AppState) -> Router {
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("bearer") {
@@ -118,9 +119,14 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
-/// 401 without a valid token, 403 for a valid token of another queue.
+/// 401 without a valid bearer token, 403 for a valid token of another queue.
 pub fn authorize(app: &App, headers: &HeaderMap, queue: &str) -> Result<(), ApiError> {
-    let Some(token) = bearer(headers) else {
+    authorize_token(app, bearer(headers), queue)
+}
+
+/// [`authorize`] with the token found elsewhere (a WebSocket's subprotocol header).
+pub fn authorize_token(app: &App, token: Option<&str>, queue: &str) -> Result<(), ApiError> {
+    let Some(token) = token else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing bearer token",

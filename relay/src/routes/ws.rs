@@ -28,7 +28,7 @@ use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 
 use super::messages::message_json;
-use super::{authorize, App, AppState};
+use super::{authorize_token, bearer, App, AppState};
 use crate::errors::ApiError;
 use crate::metrics::inc;
 
@@ -49,6 +49,25 @@ const WRITE_BUFFER: usize = 16 << 10;
 const READ_BATCH: usize = 64;
 /// Close code: the account was deleted.
 const CLOSE_ACCOUNT_DELETED: u16 = 4000;
+/// Close code: the token this session was opened with was replaced.
+const CLOSE_TOKEN_ROTATED: u16 = 4002;
+/// The subprotocol the server speaks; a client that offers subprotocols must offer it.
+pub const PROTOCOL: &str = "cinder.v1";
+/// A subprotocol `cinder.bearer.<token>` carries the token for clients that cannot set
+/// an `Authorization` header (browsers). It is never selected, echoed or logged.
+const TOKEN_PROTOCOL_PREFIX: &str = "cinder.bearer.";
+
+/// The token of a `cinder.bearer.<token>` entry in `Sec-WebSocket-Protocol`.
+fn protocol_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(TOKEN_PROTOCOL_PREFIX))
+        .filter(|t| !t.is_empty())
+}
+
 /// How long a closing session waits for the client's close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Close code: a newer session for the same queue took this one's place.
@@ -71,7 +90,12 @@ pub async fn upgrade(
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Err(e) = authorize(&app, &headers, &queue) {
+    // Told of a token rotation or account removal from here on: subscribed before the
+    // token is checked, so a rotation in between cannot leave this session on the old
+    // token.
+    let gone = app.accounts.subscribe(&queue);
+    let token = bearer(&headers).or_else(|| protocol_token(&headers));
+    if let Err(e) = authorize_token(&app, token, &queue) {
         return e.into_response();
     }
     let upgrade = match upgrade {
@@ -81,7 +105,7 @@ pub async fn upgrade(
     if *app.shutdown.borrow() {
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
-    let Some(gone) = app.accounts.subscribe(&queue) else {
+    let Some(gone) = gone else {
         return ApiError::new(StatusCode::UNAUTHORIZED, "invalid token").into_response();
     };
     // The permit lives exactly as long as the session: a closed session frees its slot
@@ -108,6 +132,7 @@ pub async fn upgrade(
     let (reg, displaced, n) = app.sessions.register(&queue);
     inc(&app.metrics.ws_displaced, n as u64);
     upgrade
+        .protocols([PROTOCOL])
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
         .read_buffer_size(READ_BUFFER)
@@ -279,9 +304,10 @@ impl Session {
                         Next::PingAndRead
                     }
                 }
-                _ = self.gone.changed() => {
-                    Next::End(Some(close(CLOSE_ACCOUNT_DELETED, "account deleted")))
-                }
+                r = self.gone.changed() => match r {
+                    Ok(()) => Next::End(Some(close(CLOSE_TOKEN_ROTATED, "token rotated"))),
+                    Err(_) => Next::End(Some(close(CLOSE_ACCOUNT_DELETED, "account deleted"))),
+                },
                 _ = &mut self.displaced => {
                     Next::End(Some(close(CLOSE_DISPLACED, "displaced by a newer session")))
                 }
