@@ -53,5 +53,5 @@ pub use options::{
     AutoRotation, Clock, CoreDumps, Durability, ManualClock, Options, RecoveryMode, SystemClock,
 };
 pub use recovery::RecoveryReport;
-pub use store::{Message, MessageId, NewMessage, Stats, Store};
+pub use store::{Appended, ClientMessageId, Message, MessageId, NewMessage, Stats, Store};
 pub use subscription::Subscription;

@@ -202,6 +202,12 @@ pub struct Options {
     /// spare segment made ahead for them can take the files one segment past it; the key
     /// files (`KEYS`, `KEYS.audit`) are not counted (`Stats::bytes_on_disk` shows them).
     pub max_disk_bytes: u64,
+    /// How long after an [`append_once`](crate::Store::append_once) a second one with
+    /// the same client id to the same queue stores nothing (default 24 h). The store
+    /// forgets a client id earlier when its record is shredded (after the message is
+    /// acked or expired, within `max_shred_delay`) or its queue purged. About 90 bytes of
+    /// memory per client id on record; `Duration::ZERO` turns deduplication off.
+    pub dedupe_window: Duration,
     /// Bound on how long an acked or expired message stays decryptable (default 60 s).
     /// Whole dead segments are shredded well within it; rewriting partly dead segments
     /// (compaction) is what enforces it for the rest.
@@ -253,6 +259,7 @@ impl Options {
             max_queue_len: 100_000,
             max_queue_bytes: 1 << 30,
             max_disk_bytes: 64 << 30,
+            dedupe_window: Duration::from_secs(86_400),
             max_shred_delay: Duration::from_secs(60),
             async_sync_interval: Duration::from_millis(100),
             compaction: true,

@@ -69,6 +69,8 @@ pub struct RecoveryReport {
 #[derive(Debug)]
 pub struct FoundMessage {
     pub queue: Vec<u8>,
+    /// The sender's client message id (idempotent appends), if it gave one.
+    pub client_id: Option<crate::index::dedupe::ClientId>,
     pub id: u64,
     pub seg: u64,
     pub off: u64,
@@ -86,6 +88,9 @@ pub struct Recovered {
     pub last_rotation_ms: Option<u64>,
     pub segments: Vec<Arc<Segment>>,
     pub messages: Vec<FoundMessage>,
+    /// Acked (or expired) messages with a client id whose newest record is still on
+    /// disk: the store remembers their client ids until those records are shredded.
+    pub dedupe_dead: Vec<FoundMessage>,
     pub next_id: u64,
     pub report: RecoveryReport,
 }
@@ -280,8 +285,12 @@ pub fn recover(
     }
     audit.append(&events, now_ms, ks.generation() + 1)?;
     let scanned = scan_all(fs, work, mode)?;
-    let (segments, messages, max_id) =
-        rebuild(scanned, &mut ks, &mut report, (now_ms, max_shred_delay_ms));
+    let Rebuilt {
+        segments,
+        messages,
+        dedupe_dead,
+        max_id,
+    } = rebuild(scanned, &mut ks, &mut report, (now_ms, max_shred_delay_ms));
     let next_id = max_id
         .max(ks.id_floor)
         .saturating_add(1)
@@ -305,9 +314,20 @@ pub fn recover(
         last_rotation_ms,
         segments,
         messages,
+        dedupe_dead,
         next_id,
         report,
     })
+}
+
+/// What `rebuild` found.
+struct Rebuilt {
+    segments: Vec<Arc<Segment>>,
+    /// Live messages, sorted by id.
+    messages: Vec<FoundMessage>,
+    /// Dead messages with a client id, at their newest record.
+    dedupe_dead: Vec<FoundMessage>,
+    max_id: u64,
 }
 
 /// Applies acks to the scanned messages, counts what is live per segment and links ack
@@ -318,7 +338,7 @@ fn rebuild(
     ks: &mut KeyStore,
     report: &mut RecoveryReport,
     (now_ms, max_shred_delay_ms): (u64, u64),
-) -> (Vec<Arc<Segment>>, Vec<FoundMessage>, u64) {
+) -> Rebuilt {
     use std::sync::atomic::Ordering::SeqCst;
     // Acks first, so acked messages never enter the index.
     let mut acked: HashMap<u64, u64> = HashMap::new();
@@ -349,6 +369,7 @@ fn rebuild(
     let death_floor_ms = now_ms.saturating_sub(max_shred_delay_ms);
     let mut segments = Vec::with_capacity(scanned.len());
     let mut messages = Vec::new();
+    let mut dedupe_dead = Vec::new();
     let mut links: Vec<(u64, u64)> = Vec::new();
     for s in scanned {
         report.segments += 1;
@@ -365,13 +386,17 @@ fn rebuild(
             s.seg.records.fetch_add(1, SeqCst);
             s.seg.max_expiry_ms.fetch_max(m.expires_at_ms, SeqCst);
             s.seg.min_expiry_ms.fetch_min(m.expires_at_ms, SeqCst);
+            let is_newest = newest.get(&m.id) == Some(&(m.seg, m.off));
             if let Some(&src) = acked.get(&m.id) {
                 if src != m.seg {
                     links.push((src, m.seg));
                 }
                 // Acked before the last stop, at an unknown time: due for shredding now.
                 s.seg.mark_acked(death_floor_ms);
-            } else if newest.get(&m.id) != Some(&(m.seg, m.off)) {
+                if is_newest && m.client_id.is_some() {
+                    dedupe_dead.push(m);
+                }
+            } else if !is_newest {
                 // An older copy of a message a compaction copied before a crash: the
                 // newer copy is the live one.
                 s.seg.mark_acked(death_floor_ms);
@@ -382,6 +407,8 @@ fn rebuild(
                     .fetch_min(m.created_at_ms.min(now_ms), SeqCst);
                 report.live += 1;
                 messages.push(m);
+            } else if m.client_id.is_some() {
+                dedupe_dead.push(m);
             }
         }
         segments.push(Arc::new(s.seg));
@@ -402,7 +429,12 @@ fn rebuild(
         }
     }
     messages.sort_unstable_by_key(|m| m.id);
-    (segments, messages, max_id)
+    Rebuilt {
+        segments,
+        messages,
+        dedupe_dead,
+        max_id,
+    }
 }
 
 /// Scans segments on up to two threads (recovery time follows live data, not cores).
@@ -576,11 +608,13 @@ fn collect(walk: &scan::SegmentScan, seg: u64, out: &mut Scanned) {
                 created_at_ms,
                 expires_at_ms,
                 queue,
+                client_id,
                 ..
             } => {
                 out.max_id = out.max_id.max(*id);
                 out.messages.push(FoundMessage {
                     queue: queue.clone(),
+                    client_id: *client_id,
                     id: *id,
                     seg,
                     off: f.offset,

@@ -13,6 +13,7 @@ use crate::format::frame::{FrameHeader, FrameKind, MessageMeta, MAX_QUEUE_ID};
 use crate::format::padding;
 use crate::fsutil::{self, DirLock};
 use crate::gc::{self, ReaperSignal};
+use crate::index::dedupe::ClientId;
 use crate::index::{Index, QueueCell, Removed, Slot};
 use crate::keys::keyring::Keyring;
 use crate::options::{Clock, Durability, Options};
@@ -21,6 +22,50 @@ use crate::segment::codec;
 use crate::segment::{Segment, SegmentTable};
 use crate::subscription::Subscription;
 use crate::writer::{Bucket, Reservation, Writer, WriterConfig};
+
+/// Recovery: the live messages into the index, and the client ids of those and of the
+/// dead messages whose records are not shredded yet.
+fn restore_index(
+    index: &Index,
+    (live, dead): (Vec<recovery::FoundMessage>, Vec<recovery::FoundMessage>),
+    now: u64,
+    window_ms: u64,
+) {
+    for m in live {
+        let q = index.get_or_create(&m.queue);
+        let mut st = q.state.lock();
+        st.push_pending(m.id, m.expires_at_ms, m.len);
+        st.commit(m.id, m.seg, m.off);
+        index.messages.fetch_add(1, Ordering::SeqCst);
+        drop(st);
+        restore_client_id(index, &q, &m, now, window_ms);
+    }
+    for m in dead {
+        let q = index.get_or_create(&m.queue);
+        restore_client_id(index, &q, &m, now, window_ms);
+    }
+}
+
+/// Recovery: `m`'s client id (if it has one, and within the window) names it again.
+fn restore_client_id(
+    index: &Index,
+    q: &Arc<QueueCell>,
+    m: &recovery::FoundMessage,
+    now: u64,
+    window_ms: u64,
+) {
+    let Some(cid) = m.client_id else { return };
+    if now.saturating_sub(m.created_at_ms) >= window_ms {
+        return;
+    }
+    let entry = crate::index::dedupe::Entry {
+        id: m.id,
+        seg: Some(m.seg),
+        at_ms: m.created_at_ms,
+    };
+    q.state.lock().dedupe.restore(cid, entry);
+    index.dedupe_refs.add(m.seg, Arc::downgrade(q), cid);
+}
 
 /// A message id: unique in the store forever, increasing in append order within a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -65,6 +110,61 @@ pub struct NewMessage<'a> {
     pub queue: &'a [u8],
     pub payload: &'a [u8],
     pub ttl: Duration,
+}
+
+/// A sender's name for one message (16 bytes, e.g. a random UUID), for
+/// [`Store::append_once`]: a second append with the same id to the same queue stores
+/// nothing. Never printed (`Debug` hides it): it can link messages to their sender.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientMessageId(pub [u8; 16]);
+
+impl std::fmt::Debug for ClientMessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientMessageId(..)")
+    }
+}
+
+/// What [`Store::append_once`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// The message was stored under this id.
+    Stored(MessageId),
+    /// An earlier append with the same client id stored this message: nothing was
+    /// stored now.
+    Duplicate(MessageId),
+}
+
+impl Appended {
+    /// The message's id, stored now or before.
+    pub fn id(self) -> MessageId {
+        match self {
+            Appended::Stored(id) | Appended::Duplicate(id) => id,
+        }
+    }
+}
+
+/// One message to store (internal: `NewMessage` plus the client id of `append_once`).
+struct Item<'a> {
+    queue: &'a [u8],
+    payload: &'a [u8],
+    ttl: Duration,
+    cid: Option<ClientId>,
+}
+
+/// A message whose id and pending slot are issued, not yet written.
+struct Issued {
+    q: Arc<QueueCell>,
+    id: u64,
+    flen: u64,
+    expires: u64,
+    cid: Option<ClientId>,
+}
+
+/// What issuing found.
+enum Issue {
+    New(Issued),
+    /// The queue has this client id on record: its message.
+    Duplicate(u64),
 }
 
 /// Counters from [`Store::stats`].
@@ -255,13 +355,12 @@ impl Store {
             segments.insert(s);
         }
         let index = Index::default();
-        for m in rec.messages {
-            let q = index.get_or_create(&m.queue);
-            let mut st = q.state.lock();
-            st.push_pending(m.id, m.expires_at_ms, m.len);
-            st.commit(m.id, m.seg, m.off);
-            index.messages.fetch_add(1, Ordering::SeqCst);
-        }
+        restore_index(
+            &index,
+            (rec.messages, rec.dedupe_dead),
+            now,
+            opts.dedupe_window.as_millis() as u64,
+        );
         let writer = Writer::new(
             WriterConfig {
                 durability: opts.durability,
@@ -376,11 +475,79 @@ impl Store {
         Ok(ids[0])
     }
 
+    /// Appends one message at most once per `client_id` and queue: if an earlier append
+    /// with this client id is still on record for the queue (its record not shredded,
+    /// the queue not purged, and within `Options::dedupe_window` of that append), this
+    /// stores nothing and returns `Duplicate` with the earlier message's id, even if that
+    /// message was acked or expired since. While the earlier append is still being
+    /// written, this waits for its outcome. The client id is stored inside the sealed
+    /// record, never in the clear, and the store's memory of it ends with the record.
+    pub fn append_once(
+        &self,
+        queue: &[u8],
+        client_id: ClientMessageId,
+        payload: &[u8],
+        ttl: Duration,
+    ) -> Result<Appended> {
+        self.check_open()?;
+        let item = Item {
+            queue,
+            payload,
+            ttl,
+            cid: Some(client_id.0),
+        };
+        self.validate(std::slice::from_ref(&item))?;
+        let now = self.inner.now_ms();
+        let body = padding::padded_len(self.inner.opts.padding, payload.len());
+        match self.issue(&item, body, now)? {
+            Issue::Duplicate(id) => Ok(Appended::Duplicate(MessageId(id))),
+            Issue::New(issued) => {
+                let ids = self.write_issued(&[item], &[issued], &[body], now)?;
+                Ok(Appended::Stored(ids[0]))
+            }
+        }
+    }
+
     /// Appends several messages, waiting once for all of them to be durable. Validation
     /// and quotas are checked for the whole batch first: if one message is refused,
     /// none is stored. The batch is not atomic across a crash (each message is).
     pub fn append_batch(&self, items: &[NewMessage<'_>]) -> Result<Vec<MessageId>> {
         self.check_open()?;
+        let items: Vec<Item<'_>> = items
+            .iter()
+            .map(|m| Item {
+                queue: m.queue,
+                payload: m.payload,
+                ttl: m.ttl,
+                cid: None,
+            })
+            .collect();
+        self.validate(&items)?;
+        let o = &self.inner.opts;
+        let now = self.inner.now_ms();
+        // 1. Issue ids and pending slots (all or nothing).
+        let mut issued: Vec<Issued> = Vec::with_capacity(items.len());
+        // Body plaintext lengths (padded per `Options::padding`), for reserving and sealing.
+        let bodies: Vec<usize> = items
+            .iter()
+            .map(|m| padding::padded_len(o.padding, m.payload.len()))
+            .collect();
+        for (m, &body) in items.iter().zip(&bodies) {
+            match self.issue(m, body, now) {
+                Ok(Issue::New(i)) => issued.push(i),
+                // Only `append_once` gives client ids.
+                Ok(Issue::Duplicate(_)) => unreachable!("a batch item without a client id"),
+                Err(e) => {
+                    self.rollback(&issued);
+                    return Err(e);
+                }
+            }
+        }
+        self.write_issued(&items, &issued, &bodies, now)
+    }
+
+    /// Message size and TTL of every item.
+    fn validate(&self, items: &[Item<'_>]) -> Result<()> {
         let o = &self.inner.opts;
         for m in items {
             validate_queue(m.queue)?;
@@ -397,46 +564,39 @@ impl Store {
                 });
             }
         }
-        let now = self.inner.now_ms();
-        // 1. Issue ids and pending slots (all or nothing).
-        let mut issued: Vec<(Arc<QueueCell>, u64, u64, u64)> = Vec::with_capacity(items.len());
-        // Body plaintext lengths (padded per `Options::padding`), for reserving and sealing.
-        let bodies: Vec<usize> = items
-            .iter()
-            .map(|m| padding::padded_len(o.padding, m.payload.len()))
-            .collect();
-        for (m, &body) in items.iter().zip(&bodies) {
-            let flen = codec::message_frame_len(m.queue.len(), body) as u64;
-            let expires = now + m.ttl.as_millis() as u64;
-            match self.issue(m.queue, flen, expires) {
-                Ok((q, id)) => issued.push((q, id, flen, expires)),
-                Err(e) => {
-                    self.rollback(&issued);
-                    return Err(e);
-                }
-            }
-        }
-        // 2. Reserve and seal (outside every lock), then submit the whole batch at once.
+        Ok(())
+    }
+
+    /// Steps 2 and 3 of an append: reserve and seal each issued message (outside every
+    /// lock), submit the whole batch at once, wait for durability, make them visible.
+    fn write_issued(
+        &self,
+        items: &[Item<'_>],
+        issued: &[Issued],
+        bodies: &[usize],
+        now: u64,
+    ) -> Result<Vec<MessageId>> {
+        let o = &self.inner.opts;
         let mut sealed: Vec<(Reservation, Vec<u8>)> = Vec::with_capacity(items.len());
         let mut submitted = 0;
         let mut refused = None;
         for (i, m) in items.iter().enumerate() {
-            let (_, id, flen, expires) = &issued[i];
+            let is = &issued[i];
             let bucket = Bucket::for_message(
                 0,
                 m.ttl.as_millis() as u64,
-                *expires,
+                is.expires,
                 o.max_shred_delay.as_millis() as u64,
             );
             let w = &self.inner.writer;
-            let times = (*expires, now);
-            let r = match w.try_reserve(bucket, *flen, times, true) {
+            let times = (is.expires, now);
+            let r = match w.try_reserve(bucket, is.flen, times, true) {
                 Ok(Some(r)) => Ok(r),
                 // The writer is backlogged: hand it what is sealed (it may be waiting
                 // on those offsets), then wait our turn.
                 Ok(None) => {
                     submitted += self.submit_sealed(&mut sealed[submitted..]);
-                    w.reserve(bucket, *flen, times, true)
+                    w.reserve(bucket, is.flen, times, true)
                 }
                 Err(e) => Err(e),
             };
@@ -448,11 +608,12 @@ impl Store {
                 }
             };
             let meta = MessageMeta {
-                id: *id,
+                id: is.id,
                 created_at_ms: now,
-                expires_at_ms: *expires,
+                expires_at_ms: is.expires,
                 payload_len: m.payload.len() as u32,
                 queue: m.queue,
+                client_id: m.cid,
             };
             let padded_to = (o.padding != padding::Padding::None).then_some(bodies[i]);
             let frame =
@@ -473,8 +634,8 @@ impl Store {
             self.finish(&issued[..n], &placed)?;
             return Err(e);
         }
-        self.finish(&issued, &placed)?;
-        Ok(issued.iter().map(|x| MessageId(x.1)).collect())
+        self.finish(issued, &placed)?;
+        Ok(issued.iter().map(|x| MessageId(x.id)).collect())
     }
 
     /// Hands sealed frames to the writer in one go; returns how many.
@@ -487,13 +648,32 @@ impl Store {
         sealed.len()
     }
 
-    fn issue(&self, queue: &[u8], flen: u64, expires: u64) -> Result<(Arc<QueueCell>, u64)> {
+    /// Issues an id and a pending slot for `m` under its queue's lock, after the queue's
+    /// quotas; or, for an item with a client id the queue has on record, its message.
+    fn issue(&self, m: &Item<'_>, body: usize, now: u64) -> Result<Issue> {
         let o = &self.inner.opts;
+        let flen = codec::message_frame_len(m.queue.len(), m.cid.is_some(), body) as u64;
+        let expires = now + m.ttl.as_millis() as u64;
+        let window_ms = o.dedupe_window.as_millis() as u64;
         loop {
-            let q = self.inner.index.get_or_create(queue);
+            let q = self.inner.index.get_or_create(m.queue);
             let mut st = q.state.lock();
             if st.removed {
                 continue;
+            }
+            if let Some(cid) = &m.cid {
+                if let Some(e) = st.dedupe.lookup(cid, now, window_ms) {
+                    if e.seg.is_some() || !st.is_pending(e.id) {
+                        return Ok(Issue::Duplicate(e.id));
+                    }
+                    // Still being written: wait for its commit or rollback (both notify
+                    // the queue after changing it under this lock), then look again.
+                    let listener = q.event.listen();
+                    drop(st);
+                    self.check_open()?;
+                    event_listener::Listener::wait(listener);
+                    continue;
+                }
             }
             if st.count() >= o.max_queue_len {
                 let mut exp = Vec::new();
@@ -515,27 +695,38 @@ impl Store {
             }
             let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
             st.push_pending(id, expires, flen as u32);
+            if let Some(cid) = m.cid {
+                st.dedupe.begin(cid, id, now);
+            }
             self.inner.index.messages.fetch_add(1, Ordering::SeqCst);
             drop(st);
-            return Ok((q, id));
+            return Ok(Issue::New(Issued {
+                q,
+                id,
+                flen,
+                expires,
+                cid: m.cid,
+            }));
         }
     }
 
-    fn rollback(&self, issued: &[(Arc<QueueCell>, u64, u64, u64)]) {
-        for (q, id, _, _) in issued {
-            q.state.lock().rollback(*id);
+    fn rollback(&self, issued: &[Issued]) {
+        for is in issued {
+            let mut st = is.q.state.lock();
+            st.rollback(is.id);
+            if let Some(cid) = &is.cid {
+                st.dedupe.abandon(cid, is.id);
+            }
+            drop(st);
             self.inner.index.messages.fetch_sub(1, Ordering::SeqCst);
-            // A later message of the queue may have been held back behind this one.
-            q.notify();
+            // A later message of the queue may have been held back behind this one (and
+            // a duplicate of it waits for its outcome).
+            is.q.notify();
         }
     }
 
     /// Waits for durability, then makes the messages visible.
-    fn finish(
-        &self,
-        issued: &[(Arc<QueueCell>, u64, u64, u64)],
-        placed: &[(Arc<Segment>, u64)],
-    ) -> Result<()> {
+    fn finish(&self, issued: &[Issued], placed: &[(Arc<Segment>, u64)]) -> Result<()> {
         let mut ends: Vec<(&Arc<Segment>, u64)> = Vec::new();
         for (seg, end) in placed {
             match ends.iter_mut().find(|(s, _)| s.id == seg.id) {
@@ -550,14 +741,23 @@ impl Store {
             }
         }
         let mut orphaned = Vec::new();
-        for ((q, id, flen, _), (seg, end)) in issued.iter().zip(placed) {
-            let mut st = q.state.lock();
-            if st.commit(*id, seg.id, end - flen) {
+        for (is, (seg, end)) in issued.iter().zip(placed) {
+            let mut st = is.q.state.lock();
+            if st.commit(is.id, seg.id, end - is.flen) {
+                if let Some(cid) = &is.cid {
+                    st.dedupe.placed(cid, is.id, seg.id);
+                }
                 drop(st);
-                q.notify();
+                if let Some(cid) = is.cid {
+                    self.inner
+                        .index
+                        .dedupe_refs
+                        .add(seg.id, Arc::downgrade(&is.q), cid);
+                }
+                is.q.notify();
             } else {
                 // Purged while being written: it is on disk, so it needs an ack record.
-                orphaned.push((*id, seg.id));
+                orphaned.push((is.id, seg.id));
             }
         }
         if !orphaned.is_empty() {
@@ -776,7 +976,7 @@ impl Store {
         }
         let o = &self.inner.opts;
         let body = padding::padded_len(o.padding, o.max_message_size);
-        let largest = codec::message_frame_len(MAX_QUEUE_ID, body);
+        let largest = codec::message_frame_len(MAX_QUEUE_ID, true, body);
         self.inner.writer.health(largest as u64)
     }
 
@@ -863,7 +1063,7 @@ impl Store {
                     k.len() + 64 + std::mem::size_of::<QueueCell>() + q.state.lock().heap_bytes();
             });
         }
-        total
+        total + self.inner.index.dedupe_refs.heap_bytes()
     }
 
     /// Runs one full maintenance pass now (retire segments, sweep expired messages,

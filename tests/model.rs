@@ -1,7 +1,11 @@
 //! Model-based test: random sequences of append / read / ack / ack_through / purge /
 //! advance clock / maintain (which compacts) / reopen behave exactly like a simple
 //! in-memory model (FIFO per queue, acks scoped to their queue, nothing expired or acked
-//! ever returned, nothing live ever lost by a compaction).
+//! ever returned, nothing live ever lost by a compaction). Idempotent appends
+//! (`append_once`) are checked for soundness — a duplicate is only ever reported for the
+//! message an earlier append with that client id stored in that queue, within the window,
+//! not purged since — and completeness — while that message is live, a repeat is always
+//! a duplicate, across compactions and reopens.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,6 +27,12 @@ enum Op {
     Batch {
         q: u8,
         n: u8,
+        ttl_s: u16,
+    },
+    AppendOnce {
+        q: u8,
+        cid: u8,
+        seed: u8,
         ttl_s: u16,
     },
     Read {
@@ -56,6 +66,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (0..4u8, 0..600u16, any::<u8>(), 1..120u16).prop_map(|(q, len, seed, ttl_s)| Op::Append { q, len, seed, ttl_s }),
         2 => (0..4u8, 1..6u8, 1..120u16).prop_map(|(q, n, ttl_s)| Op::Batch { q, n, ttl_s }),
+        6 => (0..4u8, 0..5u8, any::<u8>(), 1..120u16).prop_map(|(q, cid, seed, ttl_s)| Op::AppendOnce { q, cid, seed, ttl_s }),
         4 => (0..4u8, proptest::option::of(any::<Index>()), 1..10u8).prop_map(|(q, after, max)| Op::Read { q, after, max }),
         4 => (0..4u8, any::<Index>()).prop_map(|(q, pick)| Op::Ack { q, pick }),
         1 => (0..4u8, any::<Index>()).prop_map(|(q, pick)| Op::AckForeign { q, pick }),
@@ -73,6 +84,9 @@ struct Model {
     queues: BTreeMap<u8, BTreeMap<u64, (Vec<u8>, u64)>>,
     /// Every id ever issued per queue (acked ones too), for picking.
     issued: BTreeMap<u8, Vec<u64>>,
+    /// (queue, client id) → (the message the last `append_once` stored, when). Removed
+    /// by a purge of the queue.
+    cids: BTreeMap<(u8, u8), (u64, u64)>,
 }
 
 impl Model {
@@ -109,6 +123,9 @@ impl Model {
     }
 }
 
+/// Short enough that `Advance` passes it now and then.
+const DEDUPE_WINDOW: Duration = Duration::from_secs(90);
+
 fn qname(q: u8) -> Vec<u8> {
     format!("queue-{q}").into_bytes()
 }
@@ -124,6 +141,7 @@ fn open(dir: &Path, key: &Arc<FileKeyProvider>, clock: &Arc<ManualClock>) -> Sto
     o.durability = Durability::Group {
         max_delay: Duration::ZERO,
     };
+    o.dedupe_window = DEDUPE_WINDOW;
     Store::open(dir, o).expect("open")
 }
 
@@ -153,29 +171,13 @@ fn apply(op: &Op, store: &mut Store, model: &mut Model, cx: &Ctx) -> Result<(), 
                 .insert(id.0, (payload, now + ttl.as_millis() as u64));
             model.issued.entry(*q).or_default().push(id.0);
         }
-        Op::Batch { q, n, ttl_s } => {
-            let payloads: Vec<Vec<u8>> = (0..*n).map(|i| vec![i; usize::from(i) * 7]).collect();
-            let name = qname(*q);
-            let ttl = Duration::from_secs(u64::from(*ttl_s));
-            let items: Vec<_> = payloads
-                .iter()
-                .map(|p| cinder::NewMessage {
-                    queue: &name,
-                    payload: p,
-                    ttl,
-                })
-                .collect();
-            let ids = store.append_batch(&items).unwrap();
-            prop_assert!(ids.windows(2).all(|w| w[0] < w[1]));
-            for (id, p) in ids.iter().zip(payloads) {
-                model
-                    .queues
-                    .entry(*q)
-                    .or_default()
-                    .insert(id.0, (p, now + ttl.as_millis() as u64));
-                model.issued.entry(*q).or_default().push(id.0);
-            }
-        }
+        Op::Batch { q, n, ttl_s } => batch(store, model, *q, *n, *ttl_s, now)?,
+        Op::AppendOnce {
+            q,
+            cid,
+            seed,
+            ttl_s,
+        } => append_once(store, model, (*q, *cid), (*seed, *ttl_s), now)?,
         Op::Read { q, after, max } => {
             let live = model.live(*q, now);
             let after_id = after.and_then(|i| model.pick(*q, i));
@@ -217,6 +219,7 @@ fn apply(op: &Op, store: &mut Store, model: &mut Model, cx: &Ctx) -> Result<(), 
         }
         Op::Purge { q } => {
             let want = model.remove(*q, now, |_| true);
+            model.cids.retain(|(mq, _), _| mq != q);
             prop_assert_eq!(store.purge(&qname(*q)).unwrap(), want);
         }
         Op::Advance { ms } => clock.advance(Duration::from_millis(u64::from(*ms))),
@@ -226,6 +229,87 @@ fn apply(op: &Op, store: &mut Store, model: &mut Model, cx: &Ctx) -> Result<(), 
         Op::Reopen => {
             store.close().unwrap();
             *store = open(&cx.dir, &cx.key, &cx.clock);
+        }
+    }
+    Ok(())
+}
+
+/// `append_batch` of `n` messages: ids increase, and all are stored.
+fn batch(
+    store: &Store,
+    model: &mut Model,
+    q: u8,
+    n: u8,
+    ttl_s: u16,
+    now: u64,
+) -> Result<(), TestCaseError> {
+    let payloads: Vec<Vec<u8>> = (0..n).map(|i| vec![i; usize::from(i) * 7]).collect();
+    let name = qname(q);
+    let ttl = Duration::from_secs(u64::from(ttl_s));
+    let items: Vec<_> = payloads
+        .iter()
+        .map(|p| cinder::NewMessage {
+            queue: &name,
+            payload: p,
+            ttl,
+        })
+        .collect();
+    let ids = store.append_batch(&items).unwrap();
+    prop_assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    for (id, p) in ids.iter().zip(payloads) {
+        model
+            .queues
+            .entry(q)
+            .or_default()
+            .insert(id.0, (p, now + ttl.as_millis() as u64));
+        model.issued.entry(q).or_default().push(id.0);
+    }
+    Ok(())
+}
+
+/// `append_once` against the model: a duplicate only of what an earlier `append_once`
+/// stored here within the window (not purged since); never a second store of a message
+/// that is still live.
+fn append_once(
+    store: &Store,
+    model: &mut Model,
+    (q, cid): (u8, u8),
+    (seed, ttl_s): (u8, u16),
+    now: u64,
+) -> Result<(), TestCaseError> {
+    let payload = vec![seed; 1 + usize::from(cid) * 40];
+    let ttl = Duration::from_secs(u64::from(ttl_s));
+    let client_id = cinder::ClientMessageId([cid; 16]);
+    let r = store
+        .append_once(&qname(q), client_id, &payload, ttl)
+        .unwrap();
+    let before = model.cids.get(&(q, cid)).copied();
+    let window = DEDUPE_WINDOW.as_millis() as u64;
+    let in_window = before.filter(|&(_, at)| now - at < window);
+    let live = in_window.is_some_and(|(id, _)| {
+        model
+            .queues
+            .get(&q)
+            .and_then(|m| m.get(&id))
+            .is_some_and(|v| v.1 > now)
+    });
+    match r {
+        cinder::Appended::Duplicate(id) => {
+            prop_assert_eq!(
+                Some(id.0),
+                in_window.map(|x| x.0),
+                "a duplicate of a message no append_once stored here within the window"
+            );
+        }
+        cinder::Appended::Stored(id) => {
+            prop_assert!(!live, "a repeat of a live message was stored again");
+            model
+                .queues
+                .entry(q)
+                .or_default()
+                .insert(id.0, (payload, now + ttl.as_millis() as u64));
+            model.issued.entry(q).or_default().push(id.0);
+            model.cids.insert((q, cid), (id.0, now));
         }
     }
     Ok(())

@@ -346,8 +346,10 @@ fn plaintext(out: &mut Out) {
             expires_at_ms: CLOCK_BASE_MS + 3_600_000,
             payload_len: 13,
             queue: q,
+            // One with a client message id (format version 5).
+            client_id: (i == 1).then_some([0x5c; 16]),
         };
-        let mut b = vec![0u8; MessageMeta::encoded_len(q.len())];
+        let mut b = vec![0u8; m.plain_len()];
         m.encode_into(&mut b);
         out.put("frame", "meta", &b);
     }

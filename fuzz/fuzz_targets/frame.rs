@@ -14,7 +14,7 @@ use libfuzzer_sys::fuzz_target;
 fn lengths_documented(h: &FrameHeader) -> bool {
     let (m, b) = (usize::from(h.meta_len), h.body_len as usize);
     match h.kind {
-        FrameKind::Message => (46..=300).contains(&m) && (16..=(16 << 20) + 16).contains(&b),
+        FrameKind::Message => (46..=316).contains(&m) && (16..=(16 << 20) + 16).contains(&b),
         FrameKind::Acks => m == 20 && b >= 16 + 8 && (b - 16) % 8 == 0 && b <= (16 << 20) + 16,
         FrameKind::Seal => m == 48 && b == 0,
     }
@@ -23,8 +23,12 @@ fn lengths_documented(h: &FrameHeader) -> bool {
 fn check_message_meta(buf: &[u8]) {
     if let Ok(m) = MessageMeta::decode(buf) {
         assert!(!m.queue.is_empty() && m.queue.len() <= 255);
-        assert_eq!(buf.len(), MessageMeta::encoded_len(m.queue.len()));
-        assert_eq!(buf.len(), MESSAGE_META_FIXED + m.queue.len());
+        let has_cid = m.client_id.is_some();
+        assert_eq!(buf.len(), MessageMeta::encoded_len(m.queue.len(), has_cid));
+        assert_eq!(
+            buf.len(),
+            MESSAGE_META_FIXED + m.queue.len() + if has_cid { 16 } else { 0 }
+        );
         let mut out = vec![0u8; buf.len()];
         m.encode_into(&mut out);
         assert_eq!(out, buf, "message meta is not canonical");

@@ -80,6 +80,13 @@ pub struct Cli {
     #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
     pub segment_size: u64,
 
+    /// How long a send's `Idempotency-Key` is remembered for its queue (a repeat within it
+    /// gets the first message's id, 200, and stores nothing). Default: the smaller of
+    /// --default-ttl and 24h. A key is forgotten earlier once its message's record is
+    /// shredded (after an ack or expiry, within --max-shred-delay) or the account purged.
+    #[arg(long, value_parser = parse_duration)]
+    pub dedupe_window: Option<Duration>,
+
     /// Bound on how long an acked or expired message stays decryptable on disk.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub max_shred_delay: Duration,

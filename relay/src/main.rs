@@ -286,14 +286,8 @@ fn caps(cli: &Cli, fd_limit: u64) -> Caps {
     }
 }
 
-fn run(cli: &Cli) -> Result<(), BoxError> {
-    check_flags(cli)?;
-    let (fd_limit, raised_from) = raise_fd_limit();
-    let caps = caps(cli, fd_limit);
-
-    let paths = check_paths(cli)?;
-    let (key, key_created) = open_key(&cli.key_file, &cli.data, paths.data_has_files)?;
-    let key_path = paths.key;
+/// The engine's options from the flags.
+fn store_options(cli: &Cli, key: cinder::FileKeyProvider) -> cinder::Options {
     let mut opts = cinder::Options::new(Arc::new(key));
     opts.durability = cli.durability.to_engine();
     opts.max_message_size = cli.max_message_bytes as usize;
@@ -303,6 +297,21 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
     opts.max_disk_bytes = cli.disk_quota_bytes;
     opts.segment_size = cli.segment_size;
     opts.max_shred_delay = cli.max_shred_delay;
+    opts.dedupe_window = cli
+        .dedupe_window
+        .unwrap_or_else(|| cli.default_ttl.min(Duration::from_secs(86_400)));
+    opts
+}
+
+fn run(cli: &Cli) -> Result<(), BoxError> {
+    check_flags(cli)?;
+    let (fd_limit, raised_from) = raise_fd_limit();
+    let caps = caps(cli, fd_limit);
+
+    let paths = check_paths(cli)?;
+    let (key, key_created) = open_key(&cli.key_file, &cli.data, paths.data_has_files)?;
+    let key_path = paths.key;
+    let opts = store_options(cli, key);
     let store = cinder::Store::open(&cli.data, opts)?;
     let data_dir = cli.data.canonicalize()?;
 

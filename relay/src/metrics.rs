@@ -53,6 +53,7 @@ pub struct Metrics {
     pub accounts_deleted: Counter,
     pub tokens_rotated: Counter,
     pub messages_sent: Counter,
+    pub messages_deduplicated: Counter,
     pub bytes_sent: Counter,
     pub messages_acked: Counter,
     pub messages_pushed_ws: Counter,
@@ -110,6 +111,10 @@ impl Default for Metrics {
             "cinder_relay_messages_sent",
             "Messages accepted (201) since start",
         );
+        let messages_deduplicated = counter(
+            "cinder_relay_messages_deduplicated",
+            "Sends answered 200 with an earlier message's id: their Idempotency-Key repeated one on record",
+        );
         let bytes_sent = counter(
             "cinder_relay_message_bytes_sent",
             "Payload bytes accepted since start",
@@ -156,6 +161,7 @@ impl Default for Metrics {
             accounts_deleted,
             tokens_rotated,
             messages_sent,
+            messages_deduplicated,
             bytes_sent,
             messages_acked,
             messages_pushed_ws,

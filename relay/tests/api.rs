@@ -567,3 +567,63 @@ async fn metrics_listen_moves_metrics_off_the_api_listener() {
         .unwrap();
     assert_eq!(accounts.status(), 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_idempotency_key_gets_the_first_id_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Relay::start(dir.path(), NO_LIMITS);
+    let c = client();
+    let (q, t) = account(&c, &r).await;
+    let put = |key: Option<(&'static str, &str)>, body: &'static str| {
+        let mut req = c.put(r.url(&format!("/v1/queues/{q}/messages"))).body(body);
+        if let Some((h, v)) = key {
+            req = req.header(h, v);
+        }
+        req.send()
+    };
+    let first = put(Some(("Idempotency-Key", "7f9c-retry-me")), "once")
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 201);
+    let id = first.json::<Value>().await.unwrap()["id"].clone();
+    let again = put(Some(("Idempotency-Key", "7f9c-retry-me")), "once")
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], id);
+    // The other header name is the same key space; another key is another message.
+    let alias = put(Some(("X-Cinder-Message-Id", "7f9c-retry-me")), "once")
+        .await
+        .unwrap();
+    assert_eq!(alias.status(), 200);
+    assert_eq!(
+        put(Some(("Idempotency-Key", "another")), "twice")
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    assert_eq!(put(None, "no key").await.unwrap().status(), 201);
+    assert_eq!(put(None, "no key").await.unwrap().status(), 201);
+    let msgs = read_all(&c, &r, &q, &t).await;
+    assert_eq!(msgs.len(), 4, "{msgs:?}");
+    assert_eq!(msgs[0].1, b"once");
+    // Bad keys are refused before anything is stored.
+    for bad in ["", &"k".repeat(256), "has space"] {
+        let resp = put(Some(("Idempotency-Key", bad)), "bad").await.unwrap();
+        assert_eq!(resp.status(), 400, "{bad:?}");
+    }
+    assert_eq!(read_all(&c, &r, &q, &t).await.len(), 4);
+    let m = c
+        .get(r.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("cinder_relay_messages_deduplicated_total 2\n"),
+        "{m}"
+    );
+}

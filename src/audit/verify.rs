@@ -290,6 +290,7 @@ fn verify_segment(
                 expires_at_ms,
                 queue,
                 payload_len,
+                ..
             } => cx.message_seen(
                 *id,
                 FirstCopy {

@@ -23,8 +23,11 @@ const RESERVED_AT: usize = 12;
 pub const MESSAGE_META_FIXED: usize = 29;
 /// Longest queue id.
 pub const MAX_QUEUE_ID: usize = 255;
+/// Length of the optional client message id at the end of a message's meta (format
+/// version 5; idempotent appends).
+pub const CLIENT_ID_LEN: usize = 16;
 /// Longest sealed meta part the decoder accepts.
-pub const MAX_META_LEN: usize = MESSAGE_META_FIXED + MAX_QUEUE_ID + TAG_LEN;
+pub const MAX_META_LEN: usize = MESSAGE_META_FIXED + MAX_QUEUE_ID + CLIENT_ID_LEN + TAG_LEN;
 /// Longest sealed body part the decoder accepts (16 MiB payload + tag).
 pub const MAX_BODY_LEN: usize = (16 << 20) + TAG_LEN;
 /// Length of a seal frame's meta part.
@@ -205,11 +208,19 @@ pub struct MessageMeta<'a> {
     pub expires_at_ms: u64,
     pub payload_len: u32,
     pub queue: &'a [u8],
+    /// The sender's id for this message (idempotent appends), if it gave one: 16 bytes
+    /// after the queue id. Its presence is told by the meta's length alone.
+    pub client_id: Option<[u8; CLIENT_ID_LEN]>,
 }
 
 impl MessageMeta<'_> {
-    pub fn encoded_len(queue_len: usize) -> usize {
-        MESSAGE_META_FIXED + queue_len
+    pub fn encoded_len(queue_len: usize, has_client_id: bool) -> usize {
+        MESSAGE_META_FIXED + queue_len + if has_client_id { CLIENT_ID_LEN } else { 0 }
+    }
+
+    /// This meta's plaintext length.
+    pub fn plain_len(&self) -> usize {
+        Self::encoded_len(self.queue.len(), self.client_id.is_some())
     }
 
     pub fn encode_into(&self, out: &mut [u8]) {
@@ -218,13 +229,25 @@ impl MessageMeta<'_> {
         out[16..24].copy_from_slice(&self.expires_at_ms.to_le_bytes());
         out[24..28].copy_from_slice(&self.payload_len.to_le_bytes());
         out[28] = self.queue.len() as u8;
-        out[MESSAGE_META_FIXED..MESSAGE_META_FIXED + self.queue.len()].copy_from_slice(self.queue);
+        let q_end = MESSAGE_META_FIXED + self.queue.len();
+        out[MESSAGE_META_FIXED..q_end].copy_from_slice(self.queue);
+        if let Some(c) = &self.client_id {
+            out[q_end..q_end + CLIENT_ID_LEN].copy_from_slice(c);
+        }
     }
 
     pub fn decode(buf: &[u8]) -> Result<MessageMeta<'_>, FormatError> {
         need(buf, 0, MESSAGE_META_FIXED)?;
         let qlen = buf[28] as usize;
-        if qlen == 0 || buf.len() != MESSAGE_META_FIXED + qlen {
+        let q_end = MESSAGE_META_FIXED + qlen;
+        let client_id = if buf.len() == q_end + CLIENT_ID_LEN {
+            let mut c = [0u8; CLIENT_ID_LEN];
+            c.copy_from_slice(&buf[q_end..]);
+            Some(c)
+        } else {
+            None
+        };
+        if qlen == 0 || (buf.len() != q_end && client_id.is_none()) {
             return Err(FormatError::at(
                 28,
                 CorruptionKind::BadField {
@@ -238,7 +261,8 @@ impl MessageMeta<'_> {
             created_at_ms: get_u64(buf, 8),
             expires_at_ms: get_u64(buf, 16),
             payload_len: get_u32(buf, 24),
-            queue: &buf[MESSAGE_META_FIXED..],
+            queue: &buf[MESSAGE_META_FIXED..q_end],
+            client_id,
         })
     }
 }
@@ -351,11 +375,28 @@ mod tests {
             expires_at_ms: 1_700_000_000_000,
             payload_len: 9,
             queue: b"alice",
+            client_id: None,
         };
-        let mut b = vec![0u8; MessageMeta::encoded_len(5)];
+        let mut b = vec![0u8; MessageMeta::encoded_len(5, false)];
         m.encode_into(&mut b);
         assert_eq!(MessageMeta::decode(&b).unwrap(), m);
         assert!(MessageMeta::decode(&b[..b.len() - 1]).is_err());
+        // With a client message id: 16 bytes more, told apart by the length alone; any
+        // other length is refused.
+        let m = MessageMeta {
+            client_id: Some([7; CLIENT_ID_LEN]),
+            ..m
+        };
+        let mut b = vec![0u8; m.plain_len()];
+        assert_eq!(b.len(), MessageMeta::encoded_len(5, true));
+        m.encode_into(&mut b);
+        assert_eq!(MessageMeta::decode(&b).unwrap(), m);
+        for cut in 1..CLIENT_ID_LEN {
+            assert!(MessageMeta::decode(&b[..b.len() - cut]).is_err(), "{cut}");
+        }
+        let mut longer = b.clone();
+        longer.push(0);
+        assert!(MessageMeta::decode(&longer).is_err());
     }
 
     #[test]

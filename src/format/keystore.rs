@@ -237,8 +237,8 @@ pub fn encode_meta(m: &KeystoreMeta) -> [u8; META_PLAIN_LEN] {
     b
 }
 
-/// Decodes the meta block's plaintext: 88 bytes (version 4), 56 (version 3) or 16
-/// (version 2).
+/// Decodes the meta block's plaintext: 88 bytes (versions 4 and 5), 56 (version 3) or
+/// 16 (version 2).
 pub fn decode_meta(b: &[u8]) -> KeystoreMeta {
     let audit = (b.len() >= META_PLAIN_LEN_V3).then(|| {
         let mut head = [0u8; 32];

@@ -12,8 +12,9 @@ use crate::error::CorruptionKind;
 
 /// The on-disk format version this build writes. Version 3 added the key audit log's
 /// anchor to the keystore's sealed meta block; version 4 added the audit log's key to it
-/// (and keyed the log's chain). Segments are the same as in version 2.
-pub const FORMAT_VERSION: u32 = 4;
+/// (and keyed the log's chain); version 5 lets a message's meta end in a client message
+/// id (idempotent appends). The keystore is laid out as in version 4.
+pub const FORMAT_VERSION: u32 = 5;
 /// The oldest format version this build still reads (and rewrites as the current one).
 pub const MIN_READ_VERSION: u32 = 2;
 
@@ -164,6 +165,7 @@ mod doc_consts {
             frame::MESSAGE_META_FIXED as u64
         );
         assert_eq!(documented("SEAL_META_LEN"), frame::SEAL_META_LEN as u64);
+        assert_eq!(documented("CLIENT_ID_LEN"), frame::CLIENT_ID_LEN as u64);
         assert_eq!(
             documented("KEYSTORE_HEADER_LEN"),
             keystore::HEADER_LEN as u64

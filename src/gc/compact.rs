@@ -16,6 +16,7 @@ use zeroize::Zeroizing;
 use super::deadline::Deadline;
 use crate::error::{CorruptionKind, Error, Result};
 use crate::format::frame::{FrameHeader, MessageMeta};
+use crate::index::dedupe::ClientId;
 use crate::segment::codec::{self, Opened};
 use crate::segment::scan::{self, Content};
 use crate::segment::Segment;
@@ -135,6 +136,7 @@ struct Live {
     expires_at_ms: u64,
     off: u64,
     len: u32,
+    client_id: Option<ClientId>,
 }
 
 /// A copy written to a survivor segment.
@@ -145,6 +147,7 @@ struct Copy {
     to: Arc<Segment>,
     to_off: u64,
     len: u64,
+    client_id: Option<ClientId>,
 }
 
 fn compact_one(inner: &Inner, seg: &Arc<Segment>, now: u64) -> Result<u64> {
@@ -229,6 +232,8 @@ fn copy_out(
             expires_at_ms: m.expires_at_ms,
             payload_len: payload.len() as u32,
             queue: &m.queue,
+            // Kept: the copy is the message's record now (and is as long as the original).
+            client_id: m.client_id,
         };
         // A fresh key and a fresh offset: the copy never shares a key stream with the
         // original (the JetStream re-encryption pitfall).
@@ -241,6 +246,7 @@ fn copy_out(
             to: r.seg,
             to_off: r.offset,
             len: r.len,
+            client_id: m.client_id,
         });
     }
     Ok(())
@@ -280,9 +286,19 @@ fn switch_over(inner: &Inner, seg: &Segment, copies: Vec<Copy>, now: u64) -> Res
             }
         }
         let swapped = inner.index.get(&c.queue).is_some_and(|q| {
-            q.state
-                .lock()
-                .relocate(c.id, (seg.id, c.from_off), (c.to.id, c.to_off))
+            let mut st = q.state.lock();
+            let swapped = st.relocate(c.id, (seg.id, c.from_off), (c.to.id, c.to_off));
+            // The client id's record moves with the message.
+            if let Some(cid) = c.client_id.filter(|_| swapped) {
+                if st.dedupe.moved(&cid, c.id, seg.id, c.to.id) {
+                    drop(st);
+                    inner
+                        .index
+                        .dedupe_refs
+                        .add(c.to.id, Arc::downgrade(&q), cid);
+                }
+            }
+            swapped
         });
         if swapped {
             moved += 1;
@@ -315,6 +331,7 @@ fn live_messages(inner: &Inner, seg: &Segment, now: u64) -> Result<Vec<Live>> {
             created_at_ms,
             expires_at_ms,
             queue,
+            client_id,
             ..
         } = &f.content
         else {
@@ -341,6 +358,7 @@ fn live_messages(inner: &Inner, seg: &Segment, now: u64) -> Result<Vec<Live>> {
             expires_at_ms: *expires_at_ms,
             off: f.offset,
             len: f.len,
+            client_id: *client_id,
         });
     }
     inner.drop_expired(&expired);

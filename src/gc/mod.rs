@@ -169,6 +169,8 @@ pub fn shred_dead(inner: &Inner, now: u64) -> Result<usize> {
     for id in &ids {
         if let Some(seg) = inner.segments.remove(*id) {
             seg.shredded.store(true, Ordering::SeqCst);
+            // The client ids whose records were here are forgotten with them.
+            inner.index.dedupe_refs.shredded(*id);
             if let Some(death) = seg.first_death_ms(now) {
                 inner.record_shred_latency(now.saturating_sub(death));
             }

@@ -6,6 +6,7 @@
 //! issued until its frame is durable; readers stop at the first pending message so a
 //! cursor never skips a message that becomes visible later.
 
+pub mod dedupe;
 mod id_hash;
 
 use std::collections::hash_map::RandomState;
@@ -58,6 +59,9 @@ pub struct QueueState {
     pub removed: bool,
     /// Live subscriptions on this queue: while any, the sweep keeps the queue.
     pub waiters: u32,
+    /// Client message ids of idempotent appends (`dedupe`): while any, the sweep keeps
+    /// the queue.
+    pub dedupe: dedupe::QueueDedupe,
 }
 
 /// A message removed from a queue, with what must happen to it.
@@ -189,6 +193,7 @@ impl QueueState {
         self.slots.clear();
         self.pending = 0;
         self.bytes = 0;
+        self.dedupe.clear();
     }
 
     /// Up to `max` readable messages after `after`, in FIFO order. Stops at the first
@@ -294,13 +299,21 @@ impl QueueState {
         }
     }
 
+    /// No message and no client id: the sweep may drop the queue.
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.slots.is_empty() && self.dedupe.is_empty()
+    }
+
+    /// Whether message `id` is still being written.
+    pub fn is_pending(&self, id: u64) -> bool {
+        self.slots.get(&id).is_some_and(Slot::is_pending)
     }
 
     /// Bytes of memory this queue's index uses (approximate, for stats).
     pub fn heap_bytes(&self) -> usize {
-        self.fifo.capacity() * 8 + self.slots.capacity() * (8 + std::mem::size_of::<Slot>() + 1)
+        self.fifo.capacity() * 8
+            + self.slots.capacity() * (8 + std::mem::size_of::<Slot>() + 1)
+            + self.dedupe.heap_bytes()
     }
 }
 
@@ -328,6 +341,8 @@ pub struct Index {
     hasher: RandomState,
     /// Messages in the index (pending and live).
     pub messages: AtomicU64,
+    /// Which segments hold the records of client ids (what a shred ends).
+    pub dedupe_refs: dedupe::SegmentRefs,
 }
 
 impl Default for Index {
@@ -336,6 +351,7 @@ impl Default for Index {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             messages: AtomicU64::new(0),
+            dedupe_refs: dedupe::SegmentRefs::default(),
         }
     }
 }

@@ -3,15 +3,20 @@
 use crate::crypto::{SealKey, TAG_LEN};
 use crate::error::CorruptionKind;
 use crate::format::frame::{
-    aad, finish_crc, nonce, FrameHeader, FrameKind, MessageMeta, Part, SealMeta, FRAME_HEADER_LEN,
-    SEAL_META_LEN,
+    aad, finish_crc, nonce, FrameHeader, FrameKind, MessageMeta, Part, SealMeta, CLIENT_ID_LEN,
+    FRAME_HEADER_LEN, SEAL_META_LEN,
 };
 use crate::format::{padding, FormatError};
 
-/// Length of the frame holding a message with this queue id and a body of `body_plain`
-/// bytes (the payload, or its padded length: [`padding::padded_len`]).
-pub fn message_frame_len(queue_len: usize, body_plain: usize) -> usize {
-    FRAME_HEADER_LEN + MessageMeta::encoded_len(queue_len) + TAG_LEN + body_plain + TAG_LEN
+/// Length of the frame holding a message with this queue id (and a client message id,
+/// or not) and a body of `body_plain` bytes (the payload, or its padded length:
+/// [`padding::padded_len`]).
+pub fn message_frame_len(queue_len: usize, has_client_id: bool, body_plain: usize) -> usize {
+    FRAME_HEADER_LEN
+        + MessageMeta::encoded_len(queue_len, has_client_id)
+        + TAG_LEN
+        + body_plain
+        + TAG_LEN
 }
 
 /// Length of an ack frame holding `n` ids.
@@ -52,7 +57,7 @@ pub fn seal_message(
     payload: &[u8],
     padded_to: Option<usize>,
 ) -> Vec<u8> {
-    let meta_plain = MessageMeta::encoded_len(meta.queue.len());
+    let meta_plain = meta.plain_len();
     let body_plain = padded_to.unwrap_or(payload.len());
     let h = FrameHeader {
         kind: FrameKind::Message,
@@ -132,6 +137,7 @@ pub enum Opened {
         created_at_ms: u64,
         expires_at_ms: u64,
         queue: Vec<u8>,
+        client_id: Option<[u8; CLIENT_ID_LEN]>,
     },
     Acks(Vec<u64>),
     Seal(SealMeta),
@@ -218,6 +224,7 @@ pub fn open_frame(
                 created_at_ms: meta.created_at_ms,
                 expires_at_ms: meta.expires_at_ms,
                 queue: meta.queue.to_vec(),
+                client_id: meta.client_id,
             })
         }
     }
@@ -312,9 +319,10 @@ mod tests {
             expires_at_ms: 1000,
             payload_len: 5,
             queue: b"q1",
+            client_id: None,
         };
         let mut f = seal_message(&key, 3, 64, &meta, b"hello", None);
-        assert_eq!(f.len(), message_frame_len(2, 5));
+        assert_eq!(f.len(), message_frame_len(2, false, 5));
         assert!(!f.windows(5).any(|w| w == b"hello"));
         let h = FrameHeader::decode(&f).unwrap();
         let mut g = f.clone();

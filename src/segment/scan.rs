@@ -19,6 +19,8 @@ pub enum Content {
         expires_at_ms: u64,
         queue: Vec<u8>,
         payload_len: u32,
+        /// The sender's id for the message (idempotent appends), if it gave one.
+        client_id: Option<[u8; crate::format::frame::CLIENT_ID_LEN]>,
     },
     Acks(Vec<u64>),
     Seal(SealMeta),
@@ -168,6 +170,7 @@ fn open(
             created_at_ms,
             expires_at_ms,
             queue,
+            client_id,
         } => {
             if bodies {
                 codec::open_body(key, id, off, fh, frame)?;
@@ -178,6 +181,7 @@ fn open(
                 expires_at_ms,
                 queue,
                 payload_len: fh.body_len - crate::crypto::TAG_LEN as u32,
+                client_id,
             }
         }
         Opened::Acks(ids) => Content::Acks(ids),

@@ -30,6 +30,8 @@ pub const MAX_ACK_IDS: usize = 1000;
 pub const PER_MESSAGE_COST: u64 = 64;
 
 pub const TTL_HEADER: &str = "x-cinder-ttl";
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+pub const MESSAGE_ID_HEADER: &str = "x-cinder-message-id";
 
 const TOO_LARGE: ApiError = ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "message too large");
 
@@ -82,8 +84,34 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes,
     }
 }
 
+/// The sender's idempotency key (`Idempotency-Key`, or `X-Cinder-Message-Id`): 1 to 255
+/// visible ASCII characters, turned into the engine's 16-byte client message id by a
+/// BLAKE3 derivation (so any format, a UUID or other, works the same, and the key itself
+/// is kept nowhere).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<cinder::ClientMessageId>, ApiError> {
+    const BAD: ApiError =
+        ApiError::bad_request("Idempotency-Key must be 1 ..= 255 visible ASCII characters");
+    let v = match (headers.get(IDEMPOTENCY_KEY), headers.get(MESSAGE_ID_HEADER)) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give one of Idempotency-Key and X-Cinder-Message-Id",
+            ))
+        }
+        (Some(v), None) | (None, Some(v)) => v.as_bytes(),
+    };
+    if v.is_empty() || v.len() > 255 || !v.iter().all(u8::is_ascii_graphic) {
+        return Err(BAD);
+    }
+    let h = blake3::derive_key("cinder-relay 2026-12 idempotency key v1", v);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h[..16]);
+    Ok(Some(cinder::ClientMessageId(id)))
+}
+
 /// `PUT /v1/queues/{queue}/messages`: no token; rate-limited per client address and per
-/// recipient. `201 {"id"}` once the message is durable.
+/// recipient. `201 {"id"}` once the message is durable; with an `Idempotency-Key` that
+/// this queue has on record, `200 {"id"}` of that message and nothing stored.
 pub async fn send(
     State(app): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -99,6 +127,7 @@ pub async fn send(
         return Err(ApiError::not_found("unknown queue"));
     }
     let ttl = ttl(&headers, &app.cfg)?;
+    let key = idempotency_key(&headers)?;
     let payload = read_body(body, &headers, app.cfg.max_message_bytes).await?;
     let cost = (payload.len() as u64 + PER_MESSAGE_COST) as f64;
     if let Err(wait) = app.inbound_limit.try_take(&queue, cost) {
@@ -111,8 +140,21 @@ pub async fn send(
     let store = Arc::clone(&app.store);
     let q = queue.clone();
     let len = payload.len() as u64;
-    let id = match blocking(move || store.append(q.as_bytes(), &payload, ttl)).await {
-        Ok(id) => id,
+    let appended = blocking(move || match key {
+        Some(k) => store.append_once(q.as_bytes(), k, &payload, ttl),
+        None => store
+            .append(q.as_bytes(), &payload, ttl)
+            .map(cinder::Appended::Stored),
+    })
+    .await;
+    let id = match appended {
+        Ok(cinder::Appended::Stored(id)) => id,
+        Ok(cinder::Appended::Duplicate(id)) => {
+            // Stored before: nothing new, so nothing counted against the recipient.
+            app.inbound_limit.refund(&queue, cost);
+            inc(&app.metrics.messages_deduplicated, 1);
+            return Ok((StatusCode::OK, Json(json!({ "id": id.to_string() }))));
+        }
         Err(e) => {
             app.inbound_limit.refund(&queue, cost);
             return Err(e);
