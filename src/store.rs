@@ -160,6 +160,13 @@ struct Issued {
     cid: Option<ClientId>,
 }
 
+/// Whether an ack waits for its record per the durability mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckWait {
+    Durable,
+    No,
+}
+
 /// What issuing found.
 enum Issue {
     New(Issued),
@@ -875,6 +882,28 @@ impl Store {
         })
     }
 
+    /// Acks several messages of one queue like [`ack_batch`](Self::ack_batch), but
+    /// returns without waiting for the ack record's fsync, whatever the durability mode:
+    /// the messages are gone from reads at once, and the record is written and synced
+    /// with the writer's next commit (within `async_sync_interval` in `Async`, at once in
+    /// `Sync` and `Group`). A crash before that can bring them back (at-least-once
+    /// delivery); [`flush`](Self::flush) waits for it. Never blocks on I/O, so an async
+    /// caller can run it on its own thread — for acks nobody awaits an answer to (a
+    /// WebSocket client's).
+    pub fn ack_batch_nowait(&self, queue: &[u8], ids: &[MessageId]) -> Result<u64> {
+        self.remove_inner(
+            queue,
+            |st, now, out| {
+                for id in ids {
+                    if let Some(r) = st.take(id.0, now) {
+                        out.push(r);
+                    }
+                }
+            },
+            AckWait::No,
+        )
+    }
+
     /// Acks every message of `queue` up to and including `id`; returns how many.
     pub fn ack_through(&self, queue: &[u8], id: MessageId) -> Result<u64> {
         self.remove_with(queue, |st, now, out| st.take_through(id.0, now, out))
@@ -889,6 +918,15 @@ impl Store {
         &self,
         queue: &[u8],
         f: impl FnOnce(&mut crate::index::QueueState, u64, &mut Vec<Removed>),
+    ) -> Result<u64> {
+        self.remove_inner(queue, f, AckWait::Durable)
+    }
+
+    fn remove_inner(
+        &self,
+        queue: &[u8],
+        f: impl FnOnce(&mut crate::index::QueueState, u64, &mut Vec<Removed>),
+        wait: AckWait,
     ) -> Result<u64> {
         self.check_open()?;
         validate_queue(queue)?;
@@ -921,7 +959,9 @@ impl Store {
         if n > 0 {
             self.inner.index.messages.fetch_sub(n, Ordering::SeqCst);
             let gen = self.inner.writer.push_acks(acks);
-            self.inner.writer.wait_acks(gen)?;
+            if wait == AckWait::Durable {
+                self.inner.writer.wait_acks(gen)?;
+            }
         }
         Ok(n)
     }

@@ -5,8 +5,12 @@
 //! engine's `Store::subscribe` future (woken by the append itself; no polling, and no
 //! thread per session: an idle session is a parked task, a socket and a few KiB). The
 //! client answers `{"ack": "<id>"}`; at most 256 messages are unacked in flight, and the
-//! server sends nothing more until acks arrive. Acks are applied in batches, one engine
-//! call at a time per session.
+//! server sends nothing more until acks arrive. An ack is applied as it arrives, without
+//! waiting for its record's fsync (`Store::ack_batch_nowait`: no I/O, so it runs on the
+//! session's own task): the message is gone at once and its record is synced with the
+//! writer's next commit; a crash in between redelivers it. Reads of new messages (just
+//! written through the page cache) run in place too; the backlog is read on the blocking
+//! pool. So a delivered message costs no thread hand-off beyond the engine's own.
 //!
 //! At most `--sessions-per-queue` sessions per queue (default 1): a new one displaces the
 //! oldest, which is closed with code 4001. A client that answers neither pings nor
@@ -24,7 +28,6 @@ use axum::response::{IntoResponse, Response};
 use cinder::{MessageId, Subscription};
 use serde::Deserialize;
 use tokio::sync::{oneshot, watch};
-use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 
 use super::messages::message_json;
@@ -175,14 +178,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Awaits the task in `h`, or never if there is none.
-async fn join<T>(h: &mut Option<JoinHandle<T>>) -> Result<T, JoinError> {
-    match h {
-        Some(h) => h.await,
-        None => std::future::pending().await,
-    }
-}
-
 fn close(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
         code,
@@ -227,9 +222,11 @@ struct Session {
     cursor: Option<MessageId>,
     /// Sent, not yet acked: id -> expiry (ms).
     in_flight: HashMap<u64, u64>,
-    /// Acks received, not yet handed to the engine.
-    acks: Vec<MessageId>,
-    acking: Option<JoinHandle<cinder::Result<u64>>>,
+    /// The next read may go deep into stored messages (the backlog at the start, or a
+    /// read that filled its batch): it runs on the blocking pool, where a read of cold
+    /// pages from disk stalls no async worker. Otherwise the session was woken by new
+    /// messages, which the append just wrote through the page cache: read in place.
+    backlog: bool,
     /// Fires when the queue has a message after the cursor.
     sub: Subscription,
     /// Fires when a newer session for the queue displaced this one.
@@ -252,8 +249,7 @@ impl Session {
             gone,
             cursor: None,
             in_flight: HashMap::new(),
-            acks: Vec::new(),
-            acking: None,
+            backlog: true,
             sub,
             displaced,
             heard: Instant::now(),
@@ -284,10 +280,6 @@ impl Session {
             let room = self.in_flight.len() < MAX_IN_FLIGHT;
             let next = tokio::select! {
                 r = &mut self.sub, if room => after_wait(r),
-                r = join(&mut self.acking) => {
-                    self.acking = None;
-                    self.after_acks(r)
-                }
                 msg = socket.recv() => {
                     self.heard = Instant::now();
                     self.on_frame(msg)
@@ -344,23 +336,26 @@ impl Session {
                 .await;
             }
         }
-        drop(socket);
-        self.finish_acks().await;
     }
 
-    /// An ack batch finished.
-    fn after_acks(&mut self, r: Result<cinder::Result<u64>, JoinError>) -> Next {
-        match r {
-            Ok(Ok(n)) => {
+    /// Applies a client's ack. It does not wait for the ack record's fsync (nobody
+    /// awaits an answer to it, and the engine call then does no I/O, so it runs right
+    /// here): the message is gone from reads at once, and its record is synced with the
+    /// writer's next commit. A crash before that redelivers it, which the protocol allows.
+    fn ack(&mut self, id: MessageId) -> Next {
+        match self
+            .app
+            .store
+            .ack_batch_nowait(self.queue.as_bytes(), &[id])
+        {
+            Ok(n) => {
                 inc(&self.app.metrics.messages_acked, n);
-                self.start_acks();
                 Next::Continue
             }
-            Ok(Err(cinder::Error::Closed)) => {
+            Err(cinder::Error::Closed) => {
                 Next::End(Some(close(close_code::AWAY, "server shutting down")))
             }
-            Ok(Err(e)) => internal_error("ack", &e),
-            Err(e) => internal_error("ack task", &e),
+            Err(e) => internal_error("ack", &e),
         }
     }
 
@@ -376,8 +371,9 @@ impl Session {
                 };
                 let was_full = self.in_flight.len() >= MAX_IN_FLIGHT;
                 self.in_flight.remove(&id.0);
-                self.acks.push(id);
-                self.start_acks();
+                if let end @ Next::End(_) = self.ack(id) {
+                    return end;
+                }
                 if was_full && self.in_flight.len() < MAX_IN_FLIGHT {
                     Next::Read
                 } else {
@@ -414,25 +410,28 @@ impl Session {
         let batch = room.min(READ_BATCH);
         let store = Arc::clone(&self.app().store);
         let (q, cursor) = (Arc::clone(&self.queue), self.cursor);
-        let msgs = match tokio::task::spawn_blocking(move || {
+        let read = if self.backlog {
+            tokio::task::spawn_blocking(move || store.read(q.as_bytes(), cursor, batch))
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!("websocket read task: {e}");
+                    Err(cinder::Error::Closed)
+                })
+        } else {
             store.read(q.as_bytes(), cursor, batch)
-        })
-        .await
-        {
-            Ok(Ok(m)) => m,
-            Ok(Err(cinder::Error::Closed)) => {
+        };
+        let msgs = match read {
+            Ok(m) => m,
+            Err(cinder::Error::Closed) => {
                 return Err(Some(close(close_code::AWAY, "server shutting down")))
             }
-            Ok(Err(e)) => {
-                tracing::error!("websocket read: {e}");
-                return Err(Some(close(close_code::ERROR, "internal error")));
-            }
             Err(e) => {
-                tracing::error!("websocket read task: {e}");
+                tracing::error!("websocket read: {e}");
                 return Err(Some(close(close_code::ERROR, "internal error")));
             }
         };
         let full = msgs.len() == batch;
+        self.backlog = full;
         for m in &msgs {
             let text = message_json(m).to_string();
             if socket.send(Message::Text(text.into())).await.is_err() {
@@ -444,34 +443,6 @@ impl Session {
         self.sub.set_after(self.cursor);
         inc(&self.app().metrics.messages_pushed_ws, msgs.len() as u64);
         Ok(full)
-    }
-
-    /// Hands the received acks to the engine unless a batch is already being applied.
-    fn start_acks(&mut self) {
-        if self.acking.is_some() || self.acks.is_empty() {
-            return;
-        }
-        let ids = std::mem::take(&mut self.acks);
-        let store = Arc::clone(&self.app.store);
-        let q = Arc::clone(&self.queue);
-        self.acking = Some(tokio::task::spawn_blocking(move || {
-            store.ack_batch(q.as_bytes(), &ids)
-        }));
-    }
-
-    /// Applies every ack received before the session ended.
-    async fn finish_acks(&mut self) {
-        if let Some(h) = self.acking.take() {
-            if let Ok(Ok(n)) = h.await {
-                inc(&self.app.metrics.messages_acked, n);
-            }
-        }
-        self.start_acks();
-        if let Some(h) = self.acking.take() {
-            if let Ok(Ok(n)) = h.await {
-                inc(&self.app.metrics.messages_acked, n);
-            }
-        }
     }
 }
 
