@@ -407,6 +407,13 @@ impl Session {
         if room == 0 {
             return Ok(false);
         }
+        // Nothing after the cursor (a new session on an empty queue, or a wake-up whose
+        // message another reader took): no read at all, and no blocking-pool thread for
+        // thousands of sessions connecting at once.
+        if !self.sub.is_ready() {
+            self.backlog = false;
+            return Ok(false);
+        }
         let batch = room.min(READ_BATCH);
         let store = Arc::clone(&self.app().store);
         let (q, cursor) = (Arc::clone(&self.queue), self.cursor);
