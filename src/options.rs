@@ -205,7 +205,8 @@ pub struct Options {
     /// How long after an [`append_once`](crate::Store::append_once) a second one with
     /// the same client id to the same queue stores nothing (default 24 h). The store
     /// forgets a client id earlier when its record is shredded (after the message is
-    /// acked or expired, within `max_shred_delay`) or its queue purged. About 90 bytes of
+    /// acked or expired, within `max_shred_delay`) or its queue purged, and at a reopen
+    /// for messages no longer queued (only queued ones are rebuilt from their records). About 90 bytes of
     /// memory per client id on record; `Duration::ZERO` turns deduplication off.
     pub dedupe_window: Duration,
     /// Bound on how long an acked or expired message stays decryptable (default 60 s).

@@ -88,9 +88,6 @@ pub struct Recovered {
     pub last_rotation_ms: Option<u64>,
     pub segments: Vec<Arc<Segment>>,
     pub messages: Vec<FoundMessage>,
-    /// Acked (or expired) messages with a client id whose newest record is still on
-    /// disk: the store remembers their client ids until those records are shredded.
-    pub dedupe_dead: Vec<FoundMessage>,
     pub next_id: u64,
     pub report: RecoveryReport,
 }
@@ -288,7 +285,6 @@ pub fn recover(
     let Rebuilt {
         segments,
         messages,
-        dedupe_dead,
         max_id,
     } = rebuild(scanned, &mut ks, &mut report, (now_ms, max_shred_delay_ms));
     let next_id = max_id
@@ -314,7 +310,6 @@ pub fn recover(
         last_rotation_ms,
         segments,
         messages,
-        dedupe_dead,
         next_id,
         report,
     })
@@ -325,8 +320,6 @@ struct Rebuilt {
     segments: Vec<Arc<Segment>>,
     /// Live messages, sorted by id.
     messages: Vec<FoundMessage>,
-    /// Dead messages with a client id, at their newest record.
-    dedupe_dead: Vec<FoundMessage>,
     max_id: u64,
 }
 
@@ -369,7 +362,6 @@ fn rebuild(
     let death_floor_ms = now_ms.saturating_sub(max_shred_delay_ms);
     let mut segments = Vec::with_capacity(scanned.len());
     let mut messages = Vec::new();
-    let mut dedupe_dead = Vec::new();
     let mut links: Vec<(u64, u64)> = Vec::new();
     for s in scanned {
         report.segments += 1;
@@ -392,10 +384,9 @@ fn rebuild(
                     links.push((src, m.seg));
                 }
                 // Acked before the last stop, at an unknown time: due for shredding now.
+                // Its client id (if any) is not remembered: an ack record cannot tell an
+                // ack from a purge, and a purge must forget it.
                 s.seg.mark_acked(death_floor_ms);
-                if is_newest && m.client_id.is_some() {
-                    dedupe_dead.push(m);
-                }
             } else if !is_newest {
                 // An older copy of a message a compaction copied before a crash: the
                 // newer copy is the live one.
@@ -407,8 +398,6 @@ fn rebuild(
                     .fetch_min(m.created_at_ms.min(now_ms), SeqCst);
                 report.live += 1;
                 messages.push(m);
-            } else if m.client_id.is_some() {
-                dedupe_dead.push(m);
             }
         }
         segments.push(Arc::new(s.seg));
@@ -432,7 +421,6 @@ fn rebuild(
     Rebuilt {
         segments,
         messages,
-        dedupe_dead,
         max_id,
     }
 }

@@ -23,14 +23,10 @@ use crate::segment::{Segment, SegmentTable};
 use crate::subscription::Subscription;
 use crate::writer::{Bucket, Reservation, Writer, WriterConfig};
 
-/// Recovery: the live messages into the index, and the client ids of those and of the
-/// dead messages whose records are not shredded yet.
-fn restore_index(
-    index: &Index,
-    (live, dead): (Vec<recovery::FoundMessage>, Vec<recovery::FoundMessage>),
-    now: u64,
-    window_ms: u64,
-) {
+/// Recovery: the live messages into the index, with their client ids. (The client ids
+/// of acked messages are not restored: their ack records cannot tell an ack from a
+/// purge, and a purge must forget them.)
+fn restore_index(index: &Index, live: Vec<recovery::FoundMessage>, now: u64, window_ms: u64) {
     for m in live {
         let q = index.get_or_create(&m.queue);
         let mut st = q.state.lock();
@@ -38,10 +34,6 @@ fn restore_index(
         st.commit(m.id, m.seg, m.off);
         index.messages.fetch_add(1, Ordering::SeqCst);
         drop(st);
-        restore_client_id(index, &q, &m, now, window_ms);
-    }
-    for m in dead {
-        let q = index.get_or_create(&m.queue);
         restore_client_id(index, &q, &m, now, window_ms);
     }
 }
@@ -364,7 +356,7 @@ impl Store {
         let index = Index::default();
         restore_index(
             &index,
-            (rec.messages, rec.dedupe_dead),
+            rec.messages,
             now,
             opts.dedupe_window.as_millis() as u64,
         );

@@ -125,8 +125,14 @@ pub struct Cli {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
 
+    /// Write one access log line per request (method, route template, status, latency;
+    /// never a queue id, token or address). It costs ~12% of the relay's CPU per message
+    /// at ~7,000 sends/s on 2 cores (BENCHMARKS.md). `RUST_LOG`, when set, decides instead.
+    #[arg(long)]
+    pub access_log: bool,
+
     /// Log lines on stderr as `text` or `json`; levels and targets come from `RUST_LOG`
-    /// (default `info`; `RUST_LOG=info,cinder_relay::access=off` drops the access log).
+    /// (default `info`; the access log is the target `cinder_relay::access`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 

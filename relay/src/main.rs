@@ -30,17 +30,29 @@ use crate::routes::{App, Config};
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Logs go to stderr through `tracing`: levels and targets filtered by `RUST_LOG`
-/// (default `info`; the access log is the target `cinder_relay::access`), as text or as
-/// JSON lines. A background thread writes them, so a slow stderr does not stall the
-/// async workers (it blocks them only once its buffer is full: lines are not dropped).
-/// No call site passes payloads, tokens, keys, queue ids or client addresses.
-fn init_logging(format: cli::LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// (default `info`, with the access log — the target `cinder_relay::access` — only with
+/// `--access-log`), as text or as JSON lines. A background thread writes them in
+/// batches, so a slow stderr does not stall the async workers (it blocks them only once
+/// its buffer is full: lines are not dropped). No call site passes payloads, tokens,
+/// keys, queue ids or client addresses.
+fn init_logging(
+    format: cli::LogFormat,
+    access_log: bool,
+) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("cinder-relay-log")
-        .finish(std::io::stderr());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        .finish(std::io::BufWriter::with_capacity(
+            64 << 10,
+            std::io::stderr(),
+        ));
+    let default = if access_log {
+        "info"
+    } else {
+        "info,cinder_relay::access=off"
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
@@ -54,7 +66,7 @@ fn init_logging(format: cli::LogFormat) -> tracing_appender::non_blocking::Worke
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _logs = init_logging(cli.log_format);
+    let _logs = init_logging(cli.log_format, cli.access_log);
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

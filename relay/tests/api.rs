@@ -488,7 +488,10 @@ async fn made_up_methods_do_not_grow_the_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_lines_name_the_route_not_the_queue_and_json_logs_parse() {
     let dir = tempfile::tempdir().unwrap();
-    let mut r = Relay::start(dir.path(), &[NO_LIMITS, &["--log-format", "json"]].concat());
+    let mut r = Relay::start(
+        dir.path(),
+        &[NO_LIMITS, &["--log-format", "json", "--access-log"]].concat(),
+    );
     let c = client();
     let (q, t) = account(&c, &r).await;
     send_ok(&c, &r, &q, b"logged?").await;

@@ -49,16 +49,47 @@ impl ReaperSignal {
         s.0 = false;
         !s.1
     }
+
+    /// Sleeps `d` whatever the pokes (they stay pending for the next `sleep`), unless
+    /// stopped; `false` = stop.
+    fn rest(&self, d: Duration) -> bool {
+        let until = std::time::Instant::now() + d;
+        let mut s = self.state.lock();
+        while !s.1 && !self.cv.wait_until(&mut s, until).timed_out() {}
+        !s.1
+    }
 }
+
+/// Index shards the reaper sweeps per tick (64 in all: every queue once in 16 ticks).
+const SWEEP_SHARDS_PER_TICK: usize = 4;
+/// The least time between two reaper passes: pokes (acks that emptied a segment,
+/// expired messages found) that come faster are served together.
+const MIN_PASS_GAP: Duration = Duration::from_millis(10);
 
 /// The reaper thread's loop.
 pub fn run_reaper(inner: &Arc<Inner>) {
     let tick = deadline::Deadline::new(inner.opts.max_shred_delay).tick();
     let mut shard = 0usize;
+    let mut next_sweep = std::time::Instant::now();
     while inner.reaper.sleep(tick) {
+        // The index sweep (it drops expired messages from memory; no deadline depends on
+        // it: a segment whose messages all expired is dead by its latest expiry) runs
+        // once a tick, not at every poke: pokes come with acks, and a sweep locks every
+        // queue of its shards — with 18,000 sessions' queues, that was 13% of a relay's
+        // CPU at 1,000 messages/s.
+        let now = std::time::Instant::now();
+        let shards = if now >= next_sweep {
+            next_sweep = now + tick;
+            SWEEP_SHARDS_PER_TICK
+        } else {
+            0
+        };
         // Errors are kept for `stats()`; the next tick retries.
-        if let Err(e) = maintain(inner, &mut shard, 4) {
+        if let Err(e) = maintain(inner, &mut shard, shards) {
             *inner.last_gc_error.lock() = Some(e.to_string());
+        }
+        if !inner.reaper.rest(MIN_PASS_GAP.min(tick)) {
+            return;
         }
     }
 }

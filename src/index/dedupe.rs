@@ -4,8 +4,10 @@
 //! from the append until the segment holding the message's newest copy is shredded (an
 //! ack does not end it: the record is still there until its shred; a compaction moves
 //! the entry with the copy), or until the queue is purged, or until the window
-//! (`Options::dedupe_window`) has passed since the append. So memory follows disk, and a
-//! restart rebuilds the same entries from the records (the id is inside the sealed meta).
+//! (`Options::dedupe_window`) has passed since the append. So memory follows disk. A
+//! restart rebuilds the entries of messages still queued from their records (the id is
+//! inside the sealed meta); those of acked messages are forgotten then, since an ack
+//! record cannot tell an ack from a purge, and a purge must forget.
 //!
 //! Memory per entry: 48 bytes of key and value in the queue's map (plus the map's
 //! control byte and load slack, ~56 bytes), and 24 bytes in the per-segment list that

@@ -2,13 +2,13 @@
 //! idle WebSocket sessions, and senders.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -132,16 +132,14 @@ pub async fn connect_all(
 }
 
 /// A recipient's session: every message is counted as delivered and acked at once.
-/// Ends when the server closes or `stop` is set and the socket goes quiet.
-pub async fn receive(mut ws: Ws, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
+/// Ends when the server closes or `stop` fires.
+pub async fn receive(mut ws: Ws, tally: Arc<Tally>, mut stop: watch::Receiver<bool>) {
     loop {
-        let next = tokio::time::timeout(Duration::from_millis(500), ws.next()).await;
-        let msg = match next {
-            Err(_) if stop.load(Ordering::Relaxed) => break,
-            Err(_) => continue,
-            Ok(Some(Ok(m))) => m,
-            Ok(_) => break,
+        let msg = tokio::select! {
+            m = ws.next() => m,
+            _ = stop.wait_for(|s| *s) => break,
         };
+        let Some(Ok(msg)) = msg else { break };
         let Message::Text(text) = msg else { continue };
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
             continue;
@@ -158,12 +156,16 @@ pub async fn receive(mut ws: Ws, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
     let _ = ws.close(None).await;
 }
 
-/// An idle session: answers pings (tungstenite does, while it is read) and nothing else.
-pub async fn idle(mut ws: Ws, stop: Arc<AtomicBool>) {
-    while !stop.load(Ordering::Relaxed) {
-        match tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
-            Err(_) | Ok(Some(Ok(_))) => {}
-            Ok(_) => return,
+/// An idle session: reads (tungstenite answers the relay's pings while it does) until
+/// `stop` fires. It wakes only when the relay sends something.
+pub async fn idle(mut ws: Ws, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            m = ws.next() => match m {
+                Some(Ok(_)) => {}
+                _ => return,
+            },
+            _ = stop.wait_for(|s| *s) => break,
         }
     }
     let _ = ws.close(None).await;
@@ -174,16 +176,22 @@ pub async fn idle(mut ws: Ws, stop: Arc<AtomicBool>) {
 pub struct SendPlan {
     pub payload: Arc<Vec<u8>>,
     pub until: Instant,
-    /// Sends per second in all (open loop), or `None`: each sender waits for its answer.
+    /// Sends per second in all, spread over the senders on a fixed schedule, or `None`:
+    /// each sender sends again as soon as it has its answer.
     pub rate: Option<f64>,
 }
 
-/// One send; its outcome goes to the tally.
-async fn send_one(http: &reqwest::Client, url: String, body: Arc<Vec<u8>>, tally: &Tally) {
-    let start = Instant::now();
+/// One send, `since` its intended start; its outcome goes to the tally.
+async fn send_one(
+    http: &reqwest::Client,
+    url: String,
+    body: &Arc<Vec<u8>>,
+    since: Instant,
+    tally: &Tally,
+) {
     match http.put(url).body(body.as_ref().clone()).send().await {
         Ok(resp) if resp.status() == 201 => {
-            let took = start.elapsed();
+            let took = since.elapsed();
             match resp.bytes().await.ok().and_then(|b| {
                 serde_json::from_slice::<serde_json::Value>(&b).ok()?["id"]
                     .as_str()?
@@ -200,8 +208,10 @@ async fn send_one(http: &reqwest::Client, url: String, body: Arc<Vec<u8>>, tally
     }
 }
 
-/// Runs `senders` closed-loop senders (or one open-loop scheduler at `plan.rate`) over
-/// the recipients' queues, round robin, until `plan.until`.
+/// Runs `senders` senders over the recipients' queues, round robin, until `plan.until`.
+/// Each holds one connection. With a rate, sender `s` sends its `k`-th message at
+/// `start + (k·senders + s) / rate`, and its latency counts from that moment: a relay
+/// that falls behind shows it as latency, not as a lower rate (no coordinated omission).
 pub async fn send_all(
     http: reqwest::Client,
     target: Target,
@@ -216,10 +226,7 @@ pub async fn send_all(
             .map(|q| target.url(&format!("/v1/queues/{q}/messages")))
             .collect(),
     );
-    if let Some(rate) = plan.rate {
-        open_loop(http, urls, rate, &plan, tally).await;
-        return;
-    }
+    let start = Instant::now();
     let mut tasks = Vec::with_capacity(senders);
     for s in 0..senders {
         let (http, urls, plan, tally) = (
@@ -229,45 +236,27 @@ pub async fn send_all(
             Arc::clone(&tally),
         );
         tasks.push(tokio::spawn(async move {
-            let mut i = s;
-            while Instant::now() < plan.until {
-                let url = urls[i % urls.len()].clone();
-                send_one(&http, url, Arc::clone(&plan.payload), &tally).await;
-                i += senders;
+            let mut k: u64 = 0;
+            loop {
+                let n = k * senders as u64 + s as u64;
+                let due = match plan.rate {
+                    Some(r) => start + Duration::from_secs_f64(n as f64 / r),
+                    None => Instant::now(),
+                };
+                if due >= plan.until {
+                    break;
+                }
+                // Closed loop: no timer at all (even an elapsed one costs a driver turn).
+                if plan.rate.is_some() {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let url = urls[(n as usize) % urls.len()].clone();
+                send_one(&http, url, &plan.payload, due, &tally).await;
+                k += 1;
             }
         }));
     }
     for t in tasks {
         let _ = t.await;
     }
-}
-
-/// Sends at `rate` per second whatever the answers take (at most 4,096 in flight).
-async fn open_loop(
-    http: reqwest::Client,
-    urls: Arc<Vec<String>>,
-    rate: f64,
-    plan: &SendPlan,
-    tally: Arc<Tally>,
-) {
-    let in_flight = Arc::new(Semaphore::new(4096));
-    let start = Instant::now();
-    let mut n: u64 = 0;
-    while Instant::now() < plan.until {
-        let due = start + Duration::from_secs_f64(n as f64 / rate);
-        tokio::time::sleep_until(due.into()).await;
-        let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
-            tally.send_failed("load generator: 4096 in flight".into());
-            n += 1;
-            continue;
-        };
-        let url = urls[(n as usize) % urls.len()].clone();
-        let (http, body, tally) = (http.clone(), Arc::clone(&plan.payload), Arc::clone(&tally));
-        tokio::spawn(async move {
-            let _p = permit;
-            send_one(&http, url, body, &tally).await;
-        });
-        n += 1;
-    }
-    let _ = in_flight.acquire_many(4096).await;
 }

@@ -15,7 +15,7 @@ mod tally;
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,9 @@ struct Args {
     /// Senders: each sends, waits for its answer, sends again (closed loop).
     #[arg(long, default_value_t = 16)]
     senders: usize,
-    /// Sends per second in all, whatever the answers take (open loop); 0 = closed loop.
+    /// Sends per second in all, on a fixed schedule spread over the senders (latency then
+    /// counts from each send's scheduled moment); 0 = each sender sends again as soon
+    /// as it has its answer.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
     /// How long the senders send (s, m suffixes; plain = seconds).
@@ -59,6 +61,10 @@ struct Args {
     /// After the senders stop, wait this long at most for outstanding deliveries.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     settle: Duration,
+    /// After the sessions open, wait this long before sending (both sides finish setting
+    /// up thousands of sessions; 5 s covers 18,000 here).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    warmup: Duration,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -125,9 +131,11 @@ struct ServerSummary {
     cpu_us_per_msg: f64,
     cpu_utilisation: f64,
     rss_before_sessions_bytes: u64,
+    /// At the end of the run, sessions still open.
     rss_with_sessions_bytes: u64,
     rss_per_session_bytes: f64,
     threads_before_sessions: u64,
+    /// At the end of the run, sessions still open.
     threads_with_sessions: u64,
 }
 
@@ -194,23 +202,23 @@ async fn run(args: &Args) -> Result<Summary, BoxError> {
         rx.len() + idle_ws.len(),
         t.elapsed().as_secs_f64()
     );
-    // Let the relay settle its session tasks before reading its memory.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let with_sessions = server();
 
     let tally = Arc::new(Tally::default());
-    let stop = Arc::new(AtomicBool::new(false));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut sessions = Vec::new();
     for ws in rx {
         sessions.push(tokio::spawn(clients::receive(
             ws,
             Arc::clone(&tally),
-            Arc::clone(&stop),
+            stopped.clone(),
         )));
     }
     for ws in idle_ws {
-        sessions.push(tokio::spawn(clients::idle(ws, Arc::clone(&stop))));
+        sessions.push(tokio::spawn(clients::idle(ws, stopped.clone())));
     }
+    // Sessions that just opened still do their first work (the relay's first look at
+    // each queue, this side's first read): let that pass before the clock starts.
+    tokio::time::sleep(args.warmup).await;
     let progress = tokio::spawn(progress(Arc::clone(&tally)));
 
     let cpu0 = (server(), procstat::sample("self"));
@@ -232,8 +240,12 @@ async fn run(args: &Args) -> Result<Summary, BoxError> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cpu1 = (server(), procstat::sample("self"));
+    // With every session still open, at the end of the run: by now the threads the
+    // relay's blocking pool started for the account creations have idled out (after
+    // 10 s), so a run of 15 s or more shows the sessions' own threads and memory.
+    let with_sessions = cpu1.0;
     progress.abort();
-    stop.store(true, Ordering::Relaxed);
+    let _ = stop.send(true);
     for s in sessions {
         let _ = s.await;
     }
