@@ -29,10 +29,46 @@ pub struct Cli {
     #[arg(long, default_value = "./cinder-data")]
     pub data: PathBuf,
 
-    /// Master key file (32 bytes, 0600), generated on first start. Keep it outside the
-    /// data dir; production wants an HSM or a key on separate storage.
-    #[arg(long, default_value = "./cinder-master.key")]
-    pub key_file: PathBuf,
+    /// Master key file (32 bytes, 0600), generated on first start (default
+    /// ./cinder-master.key when neither --key-dir nor --pkcs11-module is given). Keep it
+    /// outside the data dir; production wants an HSM or a key on separate storage.
+    #[arg(long, conflicts_with_all = ["key_dir", "pkcs11_module"])]
+    pub key_file: Option<PathBuf>,
+
+    /// A directory of master keys (`master-NNNNNN.key`, the newest current), for
+    /// --rotate-master-every: new keys are made there and old ones destroyed once the
+    /// store no longer needs them. Outside the data dir.
+    #[arg(long, conflicts_with = "pkcs11_module")]
+    pub key_dir: Option<PathBuf>,
+
+    /// Rotate the master key this often (with --key-dir): a new key is made, every data
+    /// key is re-wrapped under it online, the old key is destroyed. Counted from the last
+    /// rotation in the key audit log, so restarts do not put it off.
+    #[arg(long, value_parser = parse_duration, requires = "key_dir")]
+    pub rotate_master_every: Option<Duration>,
+
+    /// PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so): the key-encryption keys stay
+    /// in the token as per-epoch keys, made and destroyed there.
+    #[arg(long, requires_all = ["pkcs11_token_label", "pkcs11_pin_file"])]
+    pub pkcs11_module: Option<PathBuf>,
+
+    /// The token's label.
+    #[arg(long, requires = "pkcs11_module")]
+    pub pkcs11_token_label: Option<String>,
+
+    /// A file holding the token's user PIN (mode 0600; never on the command line).
+    #[arg(long, requires = "pkcs11_module")]
+    pub pkcs11_pin_file: Option<PathBuf>,
+
+    /// Prefix of the epoch keys' labels in the token (one store per prefix).
+    #[arg(long, default_value = "cinder")]
+    pub pkcs11_key_label: String,
+
+    /// Length of a PKCS#11 key epoch: the token's master-key rotation. Once an epoch is
+    /// over, live data keys move to the current epoch's key and the old one is destroyed
+    /// in the token.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub pkcs11_epoch: Duration,
 
     /// Accounts file: queue ids and token hashes (never tokens), 0600, outside the data dir.
     #[arg(long, default_value = "./cinder-accounts")]
@@ -149,6 +185,15 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log shippers.
     Json,
+}
+
+impl Cli {
+    /// The key file: `--key-file`, or the default one.
+    pub fn key_file_path(&self) -> PathBuf {
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("./cinder-master.key"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -4,6 +4,7 @@
 mod accounts;
 mod cli;
 mod errors;
+mod keysource;
 mod limits;
 mod metrics;
 mod routes;
@@ -166,41 +167,9 @@ fn resolve(path: &Path) -> PathBuf {
     }
 }
 
-/// Opens the master key (outside the data dir: the engine refuses one inside). A new key
-/// is generated only for a new data dir: one that holds data needs its own key back.
-/// Returns the key and whether it was generated now.
-fn open_key(
-    path: &Path,
-    data: &Path,
-    data_has_files: bool,
-) -> Result<(cinder::FileKeyProvider, bool), BoxError> {
-    match cinder::FileKeyProvider::open(path) {
-        Ok(k) => Ok((k, false)),
-        Err(cinder::Error::KeyFileMissing { .. }) if !data_has_files => {
-            let key = cinder::FileKeyProvider::create(path)?;
-            warn!(
-                "generated a new master key at {} (mode 0600). Anyone with this file \
-                 and the data dir can read stored messages; losing it loses them. Production \
-                 wants an HSM or a key on separate storage, never next to the data.",
-                resolve(path).display()
-            );
-            Ok((key, true))
-        }
-        Err(cinder::Error::KeyFileMissing { .. }) => Err(format!(
-            "master key file {} is missing but the data dir {} holds data: restore the key \
-             (a new one could not read it)",
-            path.display(),
-            data.display()
-        )
-        .into()),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Where the files are, checked before anything is created.
 #[derive(Debug)]
 struct Paths {
-    key: PathBuf,
     accounts: PathBuf,
     data_has_files: bool,
 }
@@ -215,11 +184,18 @@ fn check_paths(cli: &Cli) -> Result<Paths, BoxError> {
         .data
         .canonicalize()
         .unwrap_or_else(|_| resolve(&cli.data));
-    let key = resolve(&cli.key_file);
+    let key = if cli.pkcs11_module.is_some() {
+        None
+    } else {
+        Some(cli.key_dir.as_deref().map_or_else(
+            || resolve(&cli.key_file_path()),
+            |d| d.canonicalize().unwrap_or_else(|_| resolve(d)),
+        ))
+    };
     let accounts = resolve(&cli.accounts);
-    if key.starts_with(&data) {
+    if let Some(key) = key.as_ref().filter(|k| k.starts_with(&data)) {
         return Err(format!(
-            "the master key file {} is inside the data dir {}; keep it outside (--key-file)",
+            "the master key {} is inside the data dir {}; keep it outside (--key-file, --key-dir)",
             key.display(),
             data.display()
         )
@@ -232,8 +208,11 @@ fn check_paths(cli: &Cli) -> Result<Paths, BoxError> {
         )
         .into());
     }
-    if accounts == key {
-        return Err("--accounts and --key-file must be different files".into());
+    if key
+        .as_ref()
+        .is_some_and(|k| accounts == *k || accounts.starts_with(k))
+    {
+        return Err("--accounts must be neither the key file nor in the key directory".into());
     }
     let data_has_files = std::fs::read_dir(&cli.data)
         .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != "LOCK")));
@@ -248,7 +227,6 @@ fn check_paths(cli: &Cli) -> Result<Paths, BoxError> {
         .into());
     }
     Ok(Paths {
-        key,
         accounts,
         data_has_files,
     })
@@ -299,8 +277,10 @@ fn caps(cli: &Cli, fd_limit: u64) -> Caps {
 }
 
 /// The engine's options from the flags.
-fn store_options(cli: &Cli, key: cinder::FileKeyProvider) -> cinder::Options {
-    let mut opts = cinder::Options::new(Arc::new(key));
+fn store_options(cli: &Cli, key: keysource::MasterKey) -> cinder::Options {
+    let mut opts = cinder::Options::new(key.provider);
+    opts.previous_key_provider = key.previous;
+    opts.auto_rotation = key.rotation;
     opts.durability = cli.durability.to_engine();
     opts.max_message_size = cli.max_message_bytes as usize;
     opts.max_ttl = cli.max_ttl;
@@ -321,11 +301,21 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
     let caps = caps(cli, fd_limit);
 
     let paths = check_paths(cli)?;
-    let (key, key_created) = open_key(&cli.key_file, &cli.data, paths.data_has_files)?;
-    let key_path = paths.key;
-    let opts = store_options(cli, key);
+    // The key the keystore is under (plaintext framing; a keystore that does not read
+    // is the store's to report, with the right key).
+    let store_kek = cinder::key_status(&cli.data)
+        .ok()
+        .and_then(|s| s.master_keys.iter().find(|m| m.current).map(|m| m.kek_id));
+    let master = keysource::open(cli, paths.data_has_files, store_kek)?;
+    let key_summary = master.summary.clone();
+    let key_dir = master.dir.clone();
+    let opts = store_options(cli, master);
     let store = cinder::Store::open(&cli.data, opts)?;
     let data_dir = cli.data.canonicalize()?;
+    if let Some(kd) = &key_dir {
+        // A key that a rotation before this start left behind is not needed any more.
+        kd.destroy_replaced(&cli.data, &store)?;
+    }
 
     let accounts_path = paths.accounts;
     let (accounts, acc_report) = Accounts::open(&accounts_path)
@@ -355,11 +345,7 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
     let rec = store.recovery_report();
     println!("cinder-relay {}", env!("CARGO_PKG_VERSION"));
     println!("data dir:    {}", data_dir.display());
-    println!(
-        "master key:  {}{}",
-        key_path.display(),
-        if key_created { " (generated now)" } else { "" }
-    );
+    println!("master key:  {key_summary}");
     println!(
         "accounts:    {}{} ({} accounts)",
         accounts_path.display(),
@@ -404,6 +390,7 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
         ops_listener,
         Arc::clone(&store),
         accounts,
+        key_dir,
     ));
 
     // Whatever happened, make everything durable and release the data dir.
@@ -417,18 +404,16 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
     result
 }
 
-async fn serve(
+/// The state the handlers share, from the flags.
+fn app_state(
     cli: &Cli,
     caps: Caps,
-    (listener, local): (std::net::TcpListener, SocketAddr),
-    ops: Option<(std::net::TcpListener, SocketAddr)>,
     store: Arc<cinder::Store>,
     accounts: Accounts,
-) -> Result<(), BoxError> {
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    shutdown_rx: watch::Receiver<bool>,
+) -> Arc<App> {
     let budget = cli.recipient_bytes_per_minute as f64;
-    let app = Arc::new(App {
+    Arc::new(App {
         store,
         accounts,
         metrics: metrics::Metrics::default(),
@@ -443,12 +428,29 @@ async fn serve(
             cli.accounts_per_minute / 60.0,
             cli.accounts_per_minute.max(1.0),
         ),
-        shutdown: shutdown_rx.clone(),
+        shutdown: shutdown_rx,
         ws_ended: Notify::new(),
         ws_permits: Arc::new(Semaphore::new(caps.sessions)),
         sessions: Arc::new(sessions::Sessions::new(cli.sessions_per_queue)),
         conn_stats: Arc::default(),
-    });
+    })
+}
+
+async fn serve(
+    cli: &Cli,
+    caps: Caps,
+    (listener, local): (std::net::TcpListener, SocketAddr),
+    ops: Option<(std::net::TcpListener, SocketAddr)>,
+    store: Arc<cinder::Store>,
+    accounts: Accounts,
+    key_dir: Option<keysource::KeyDir>,
+) -> Result<(), BoxError> {
+    if let Some(kd) = key_dir {
+        tokio::spawn(destroy_old_keys(kd, cli.data.clone(), Arc::clone(&store)));
+    }
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let app = app_state(cli, caps, store, accounts, shutdown_rx.clone());
     let metrics_on = if ops.is_some() {
         routes::MetricsOn::OpsListener
     } else {
@@ -525,6 +527,25 @@ async fn serve(
         }
     }
     Ok(())
+}
+
+/// How often the key directory is checked for keys a rotation left unneeded.
+const KEY_CLEANUP_EVERY: Duration = Duration::from_secs(5);
+
+/// Destroys, as soon as the store runs under its successor, each master key a rotation
+/// replaced.
+async fn destroy_old_keys(kd: keysource::KeyDir, data: PathBuf, store: Arc<cinder::Store>) {
+    let mut tick = tokio::time::interval(KEY_CLEANUP_EVERY);
+    loop {
+        tick.tick().await;
+        let (kd, data, store) = (kd.clone(), data.clone(), Arc::clone(&store));
+        let r = tokio::task::spawn_blocking(move || kd.destroy_replaced(&data, &store)).await;
+        match r {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => error!("destroying replaced master keys: {e}"),
+            Err(e) => error!("destroying replaced master keys: {e}"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -44,13 +44,19 @@ impl Relay {
                 .as_nanos()
         ));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut child = Command::new(BIN)
-            .arg("--listen")
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data")
-            .arg(dir.join("data"))
-            .arg("--key-file")
-            .arg(dir.join("master.key"))
+            .arg(dir.join("data"));
+        // A key file unless the test names another key source.
+        if !args
+            .iter()
+            .any(|a| *a == "--key-dir" || *a == "--pkcs11-module")
+        {
+            cmd.arg("--key-file").arg(dir.join("master.key"));
+        }
+        let mut child = cmd
             .arg("--accounts")
             .arg(dir.join("accounts"))
             .args(args)
