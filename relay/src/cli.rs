@@ -167,6 +167,12 @@ pub struct Cli {
     #[arg(long)]
     pub access_log: bool,
 
+    /// Size padding of stored payloads, so the files show a bucket, not a message's exact
+    /// length: `padme` (at most ~12% larger), `power-of-two`, or `none`. On disk only; see
+    /// METADATA.md.
+    #[arg(long, value_enum, default_value_t = PaddingArg::Padme)]
+    pub padding: PaddingArg,
+
     /// Log lines on stderr as `text` or `json`; levels and targets come from `RUST_LOG`
     /// (default `info`; the access log is the target `cinder_relay::access`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -176,6 +182,24 @@ pub struct Cli {
     /// (close code 4001), like a device reconnecting. Raise it for multi-reader setups.
     #[arg(long, default_value_t = 1)]
     pub sessions_per_queue: usize,
+}
+
+/// `--padding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PaddingArg {
+    Padme,
+    PowerOfTwo,
+    None,
+}
+
+impl PaddingArg {
+    pub fn to_engine(self) -> cinder::Padding {
+        match self {
+            PaddingArg::Padme => cinder::Padding::Padme,
+            PaddingArg::PowerOfTwo => cinder::Padding::PowerOfTwo,
+            PaddingArg::None => cinder::Padding::None,
+        }
+    }
 }
 
 /// How log lines are written to stderr.

@@ -282,6 +282,7 @@ fn store_options(cli: &Cli, key: keysource::MasterKey) -> cinder::Options {
     opts.previous_key_provider = key.previous;
     opts.auto_rotation = key.rotation;
     opts.durability = cli.durability.to_engine();
+    opts.padding = cli.padding.to_engine();
     opts.max_message_size = cli.max_message_bytes as usize;
     opts.max_ttl = cli.max_ttl;
     opts.max_queue_bytes = cli.queue_quota_bytes;

@@ -630,3 +630,53 @@ async fn a_repeated_idempotency_key_gets_the_first_id_and_stores_nothing() {
         "{m}"
     );
 }
+
+/// (padded, body plaintext length) of every message frame in the data dir's segments.
+fn stored_message_frames(data: &std::path::Path) -> Vec<(bool, usize)> {
+    use cinder::format::frame::{FrameHeader, FrameKind, TAG_LEN};
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(data).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_none_or(|x| x != "seg") {
+            continue;
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        let mut at = cinder::format::segment_header::HEADER_LEN;
+        while let Ok(h) = FrameHeader::decode(&bytes[at..]) {
+            if h.kind == FrameKind::Message {
+                out.push((h.padded, h.body_len as usize - TAG_LEN));
+            }
+            if h.kind == FrameKind::Seal {
+                break;
+            }
+            at += h.frame_len();
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_payloads_are_padded_by_default_and_not_with_padding_none() {
+    for (flag, padded) in [(None, true), (Some("none"), false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args: Vec<&str> = NO_LIMITS.to_vec();
+        if let Some(f) = flag {
+            args.extend(["--padding", f]);
+        }
+        let mut r = Relay::start(dir.path(), &args);
+        let c = client();
+        let (q, _) = account(&c, &r).await;
+        send_ok(&c, &r, &q, &[7u8; 1000]).await;
+        assert!(r.signal_and_wait("TERM", Duration::from_secs(15)).success());
+        let frames = stored_message_frames(&dir.path().join("data"));
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        let (was_padded, body) = frames[0];
+        assert_eq!(was_padded, padded, "{flag:?}");
+        if padded {
+            // Padmé: the next bucket above 1,001 bytes (payload + marker).
+            assert!(body > 1000 && body <= 1120, "{body}");
+        } else {
+            assert_eq!(body, 1000);
+        }
+    }
+}
