@@ -152,11 +152,37 @@ struct Issued {
     cid: Option<ClientId>,
 }
 
+/// Whether a removal wakes the queue's waiters (a purge: an `append_once` may wait on a
+/// client id it just forgot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    Queue,
+    Nobody,
+}
+
 /// Whether an ack waits for its record per the durability mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AckWait {
     Durable,
     No,
+}
+
+/// Forgets the client ids of `Issued` messages if their write panics, and wakes the
+/// repeats waiting on them.
+struct ForgetOnUnwind<'a>(&'a [Issued]);
+
+impl Drop for ForgetOnUnwind<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for is in self.0 {
+            if let Some(cid) = &is.cid {
+                is.q.state.lock().dedupe.abandon(cid, is.id);
+                is.q.notify();
+            }
+        }
+    }
 }
 
 /// What issuing found.
@@ -576,6 +602,9 @@ impl Store {
         now: u64,
     ) -> Result<Vec<MessageId>> {
         let o = &self.inner.opts;
+        // A panic out of here (a key provider's, creating a segment) must not leave a
+        // client id waiting on a message that will never commit.
+        let _unwind = ForgetOnUnwind(issued);
         let mut sealed: Vec<(Reservation, Vec<u8>)> = Vec::with_capacity(items.len());
         let mut submitted = 0;
         let mut refused = None;
@@ -741,22 +770,27 @@ impl Store {
         }
         let mut orphaned = Vec::new();
         for (is, (seg, end)) in issued.iter().zip(placed) {
+            // The segment learns of the client id before the message is readable (and so
+            // ackable, and its segment shreddable): a shred in between would otherwise
+            // miss the entry. A reference that ends up unused is harmless.
+            if let Some(cid) = is.cid {
+                self.inner
+                    .index
+                    .dedupe_refs
+                    .add(seg.id, Arc::downgrade(&is.q), cid);
+            }
             let mut st = is.q.state.lock();
             if st.commit(is.id, seg.id, end - is.flen) {
                 if let Some(cid) = &is.cid {
                     st.dedupe.placed(cid, is.id, seg.id);
                 }
                 drop(st);
-                if let Some(cid) = is.cid {
-                    self.inner
-                        .index
-                        .dedupe_refs
-                        .add(seg.id, Arc::downgrade(&is.q), cid);
-                }
                 is.q.notify();
             } else {
                 // Purged while being written: it is on disk, so it needs an ack record.
+                drop(st);
                 orphaned.push((is.id, seg.id));
+                is.q.notify();
             }
         }
         if !orphaned.is_empty() {
@@ -893,6 +927,7 @@ impl Store {
                 }
             },
             AckWait::No,
+            Wake::Nobody,
         )
     }
 
@@ -902,8 +937,15 @@ impl Store {
     }
 
     /// Drops every message of `queue` (account or device removal); returns how many.
+    /// Its client ids are forgotten too, and an `append_once` waiting on one of them is
+    /// woken to look again.
     pub fn purge(&self, queue: &[u8]) -> Result<u64> {
-        self.remove_with(queue, crate::index::QueueState::take_all)
+        self.remove_inner(
+            queue,
+            crate::index::QueueState::take_all,
+            AckWait::Durable,
+            Wake::Queue,
+        )
     }
 
     fn remove_with(
@@ -911,7 +953,7 @@ impl Store {
         queue: &[u8],
         f: impl FnOnce(&mut crate::index::QueueState, u64, &mut Vec<Removed>),
     ) -> Result<u64> {
-        self.remove_inner(queue, f, AckWait::Durable)
+        self.remove_inner(queue, f, AckWait::Durable, Wake::Nobody)
     }
 
     fn remove_inner(
@@ -919,6 +961,7 @@ impl Store {
         queue: &[u8],
         f: impl FnOnce(&mut crate::index::QueueState, u64, &mut Vec<Removed>),
         wait: AckWait,
+        wake: Wake,
     ) -> Result<u64> {
         self.check_open()?;
         validate_queue(queue)?;
@@ -933,6 +976,9 @@ impl Store {
         let now = self.inner.now_ms();
         let mut removed = Vec::new();
         f(&mut q.state.lock(), now, &mut removed);
+        if wake == Wake::Queue {
+            q.notify();
+        }
         let mut expired = Vec::new();
         let mut acks = Vec::with_capacity(removed.len());
         for r in removed {

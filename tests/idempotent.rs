@@ -333,3 +333,89 @@ fn a_purge_is_not_undone_by_a_reopen() {
         Appended::Stored(_)
     ));
 }
+
+/// Holds the writer thread's next data fsync once armed, until released.
+#[derive(Debug, Default)]
+struct HoldSync {
+    state: parking_lot::Mutex<(bool, bool, bool)>, // (armed, holding, released)
+    cv: parking_lot::Condvar,
+}
+
+impl cinder::vfs::FileSystem for HoldSync {
+    fn sync_data(&self, file: &std::fs::File, _path: &std::path::Path) -> std::io::Result<()> {
+        if std::thread::current().name() == Some("cinder-writer") {
+            let mut s = self.state.lock();
+            if s.0 && !s.2 {
+                s.1 = true;
+                self.cv.notify_all();
+                while !s.2 {
+                    self.cv.wait(&mut s);
+                }
+            }
+        }
+        file.sync_data()
+    }
+}
+
+/// A repeat waiting on an append still being written is woken by a purge of its queue
+/// (which forgets the client id) and stores its message; it used to wait forever.
+#[test]
+fn a_purge_wakes_a_repeat_waiting_on_the_first_append() {
+    let env = Env::new();
+    let gate = Arc::new(HoldSync::default());
+    let mut o = Options::new(env.key.clone());
+    o.segment_size = 64 << 10;
+    o.max_message_size = 4096;
+    o.clock = env.clock.clone();
+    o.background_reaper = false;
+    o.durability = Durability::Sync;
+    o.file_system = gate.clone();
+    let store = Arc::new(Store::open(&env.dir, o).unwrap());
+    gate.state.lock().0 = true;
+    let first = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || store.append_once(b"q", cid(1), b"first", TTL).unwrap())
+    };
+    {
+        let mut s = gate.state.lock();
+        while !s.1 {
+            gate.cv.wait_for(&mut s, Duration::from_secs(60));
+            assert!(s.1, "the writer never reached its fsync");
+        }
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let repeat = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || {
+            let r = store.append_once(b"q", cid(1), b"repeat", TTL).unwrap();
+            tx.send(r).unwrap();
+        })
+    };
+    // Let the repeat find the pending entry and wait on it.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        store.purge(b"q").unwrap(),
+        0,
+        "nothing committed to purge yet"
+    );
+    {
+        let mut s = gate.state.lock();
+        s.2 = true;
+        gate.cv.notify_all();
+    }
+    let second = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the repeat still waits after the purge");
+    let first = first.join().unwrap();
+    repeat.join().unwrap();
+    assert!(
+        matches!(second, Appended::Stored(id) if id != first.id()),
+        "{second:?}"
+    );
+    let left = ids(&store, b"q");
+    assert_eq!(
+        left,
+        vec![second.id().0],
+        "the purged first message is gone"
+    );
+}

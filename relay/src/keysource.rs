@@ -123,6 +123,8 @@ fn open_file(
 #[derive(Debug, Clone)]
 pub struct KeyDir {
     dir: PathBuf,
+    /// The key the store ran under, settled, at the last check of `destroy_replaced`.
+    settled: Arc<parking_lot::Mutex<Option<u64>>>,
 }
 
 const PREFIX: &str = "master-";
@@ -139,6 +141,7 @@ impl KeyDir {
         }
         Ok(KeyDir {
             dir: dir.to_path_buf(),
+            settled: Arc::default(),
         })
     }
 
@@ -254,22 +257,37 @@ impl KeyDir {
         Ok(Arc::new(k))
     }
 
-    /// Destroys the keys a rotation replaced, once nothing can need them: the store runs
-    /// under a newer key *and* the keystore on disk is under it, made durable by syncing
-    /// the data dir first (the engine switches its in-memory key before it writes the
-    /// keystore, and a keystore renamed into place is durable only once its directory
-    /// is synced: until both hold, a failed write or a power cut could bring the old one
-    /// back). Returns how many were destroyed.
+    /// Destroys the keys a rotation replaced, once nothing can need them. The engine
+    /// switches its in-memory key before it writes the keystore, may switch back if that
+    /// write fails, and a keystore renamed into place is durable only once its directory
+    /// is synced. So a key is destroyed only when the store runs under a newer key, the
+    /// keystore file read *before* a sync of the data dir is under it (the sync then
+    /// makes that rename durable), both still hold after the sync, and all of that held
+    /// at the previous call too (a switch back happens within the failed write, long
+    /// before the next check). Returns how many were destroyed.
     pub fn destroy_replaced(&self, data: &Path, store: &cinder::Store) -> Result<usize, BoxError> {
+        let on_disk = || -> Result<Option<u64>, BoxError> {
+            Ok(cinder::key_status(data)?
+                .master_keys
+                .iter()
+                .find(|m| m.current)
+                .map(|m| m.kek_id))
+        };
+        if self.list()?.len() <= 1 {
+            return Ok(0); // nothing to destroy (the usual case): no sync either
+        }
         let running = store.master_key_id();
+        let read = on_disk()?;
         fs::File::open(data)?.sync_all()?;
-        let on_disk = cinder::key_status(data)?
-            .master_keys
-            .iter()
-            .find(|m| m.current)
-            .map(|m| m.kek_id);
-        if on_disk != Some(running) {
-            return Ok(0); // a rotation is under way: next time
+        let settled = read == Some(running)
+            && on_disk()? == Some(running)
+            && store.master_key_id() == running;
+        let mut seen = self.settled.lock();
+        let confirmed = settled && *seen == Some(running);
+        *seen = settled.then_some(running);
+        drop(seen);
+        if !confirmed {
+            return Ok(0); // a rotation may be under way: next time
         }
         self.destroy_all_but(running)
     }

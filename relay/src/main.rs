@@ -314,7 +314,8 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
     let store = cinder::Store::open(&cli.data, opts)?;
     let data_dir = cli.data.canonicalize()?;
     if let Some(kd) = &key_dir {
-        // A key that a rotation before this start left behind is not needed any more.
+        // A key that a rotation before this start left behind is not needed any more
+        // (the first check only notes the settled key; the task below destroys).
         kd.destroy_replaced(&cli.data, &store)?;
     }
 
@@ -531,7 +532,7 @@ async fn serve(
 }
 
 /// How often the key directory is checked for keys a rotation left unneeded.
-const KEY_CLEANUP_EVERY: Duration = Duration::from_secs(5);
+const KEY_CLEANUP_EVERY: Duration = Duration::from_secs(1);
 
 /// Destroys, as soon as the store runs under its successor, each master key a rotation
 /// replaced.

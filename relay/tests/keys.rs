@@ -31,7 +31,7 @@ async fn a_key_directory_rotates_online_and_destroys_the_replaced_keys() {
     let keys_arg = keys.to_str().unwrap().to_string();
     let flags: Vec<&str> = [
         NO_LIMITS,
-        &["--key-dir", &keys_arg, "--rotate-master-every", "2s"],
+        &["--key-dir", &keys_arg, "--rotate-master-every", "3s"],
     ]
     .concat();
     let mut r = Relay::start(dir.path(), &flags);

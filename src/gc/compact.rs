@@ -286,17 +286,19 @@ fn switch_over(inner: &Inner, seg: &Segment, copies: Vec<Copy>, now: u64) -> Res
             }
         }
         let swapped = inner.index.get(&c.queue).is_some_and(|q| {
+            // The survivor learns of the client id before the move can be seen (see
+            // Store::finish); unused if the move does not happen.
+            if let Some(cid) = c.client_id {
+                inner
+                    .index
+                    .dedupe_refs
+                    .add(c.to.id, Arc::downgrade(&q), cid);
+            }
             let mut st = q.state.lock();
             let swapped = st.relocate(c.id, (seg.id, c.from_off), (c.to.id, c.to_off));
             // The client id's record moves with the message.
             if let Some(cid) = c.client_id.filter(|_| swapped) {
-                if st.dedupe.moved(&cid, c.id, seg.id, c.to.id) {
-                    drop(st);
-                    inner
-                        .index
-                        .dedupe_refs
-                        .add(c.to.id, Arc::downgrade(&q), cid);
-                }
+                st.dedupe.moved(&cid, c.id, seg.id, c.to.id);
             }
             swapped
         });

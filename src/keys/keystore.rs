@@ -302,8 +302,15 @@ impl KeyStore {
             let (Some(cur), Some(old)) = (self.entries.get_mut(id), before.get(id)) else {
                 continue;
             };
-            if cur == old {
-                replaced.push(std::mem::replace(cur, new.clone()));
+            // The same key under the same wrap as when it was taken: install the new
+            // wrap. Only the wrap is compared: a sealed length recorded meanwhile (the key
+            // worker does that with the lock dropped, while a roll re-wraps) is kept, and
+            // must not leave the key in an epoch that is over.
+            if (cur.dek_id, cur.kek_id, &cur.wrapped) == (old.dek_id, old.kek_id, &old.wrapped) {
+                let prev = cur.clone();
+                cur.kek_id = new.kek_id;
+                cur.wrapped.clone_from(&new.wrapped);
+                replaced.push(prev);
             }
         }
         replaced
@@ -385,5 +392,54 @@ impl KeyStore {
         self.generation = generation;
         self.meta_wrapped = img.meta_wrapped_key;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: u64, sealed_len: u64, wrapped: u8) -> KeyEntry {
+        KeyEntry {
+            segment_id: id,
+            dek_id: id,
+            kek_id: 7,
+            sealed_len,
+            wrapped: vec![wrapped; 8],
+        }
+    }
+
+    #[test]
+    fn a_rewrap_is_installed_over_a_sealed_length_recorded_meanwhile() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut ks = KeyStore::new_empty(tmp.path()).unwrap();
+        ks.entries.insert(1, entry(1, 0, 1));
+        ks.entries.insert(2, entry(2, 0, 2));
+        let before: BTreeMap<u64, KeyEntry> = ks.entries.clone();
+        // With the lock dropped: segment 1 is sealed (its length recorded), segment 2
+        // is re-wrapped by someone else.
+        ks.mark_sealed(1, 4096);
+        ks.entries.get_mut(&2).unwrap().wrapped = vec![9; 8];
+        let after: BTreeMap<u64, KeyEntry> = [(1, entry(1, 0, 11)), (2, entry(2, 0, 12))]
+            .into_iter()
+            .collect();
+        let replaced = ks.replace_wrapped(&before, &after);
+        assert_eq!(replaced.len(), 1);
+        let one = &ks.entries[&1];
+        assert_eq!(
+            (one.wrapped[0], one.sealed_len),
+            (11, 4096),
+            "new wrap, length kept"
+        );
+        assert_eq!(
+            ks.entries[&2].wrapped[0], 9,
+            "a key re-wrapped meanwhile is left alone"
+        );
+        // Undone as it was: the length recorded meanwhile stays.
+        ks.restore(replaced);
+        assert_eq!(
+            (ks.entries[&1].wrapped[0], ks.entries[&1].sealed_len),
+            (1, 4096)
+        );
     }
 }
