@@ -52,6 +52,27 @@ pub enum Auth {
     Forbidden,
 }
 
+/// What `rotate_token` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rotation {
+    /// The token now in force.
+    Done(String),
+    /// The presented token is not this queue's.
+    Refused(Auth),
+    /// The chosen token is not 43 base64url characters (or is another account's).
+    BadToken,
+}
+
+/// A token as the relay issues them: 43 base64url characters (256 bits).
+fn valid_token(t: &str) -> bool {
+    t.len() == 43
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && URL_SAFE_NO_PAD
+            .decode(t)
+            .is_ok_and(|b| b.len() == TOKEN_BYTES)
+}
+
 struct Entry {
     hash: TokenHash,
     /// Subscribers (WebSocket sessions) see `changed()` return `Ok` when the token is
@@ -250,18 +271,35 @@ impl Accounts {
         Ok(true)
     }
 
-    /// Replaces `queue`'s token with a new one and returns it; the old one stops working
-    /// at once, and sessions that were opened with it are told (`subscribe`). Durable
-    /// when it returns. `None` if there is no such account.
-    pub fn rotate_token(&self, queue: &str) -> io::Result<Option<String>> {
-        let token = random_b64(TOKEN_BYTES)?;
+    /// Replaces `queue`'s token, if `presented` is its token now (checked under the
+    /// log's lock, so of two rotations with the same token only the first succeeds), with
+    /// `chosen` (43 base64url characters: 256 bits the client picked, so a rotation whose
+    /// answer was lost can be repeated with the new token: rotating to the token already
+    /// current is a no-op) or a new random one. The old token stops working at once, and
+    /// sessions opened with it are told (`subscribe`). Durable when it returns.
+    pub fn rotate_token(
+        &self,
+        queue: &str,
+        presented: &str,
+        chosen: Option<&str>,
+    ) -> io::Result<Rotation> {
+        let token = match chosen {
+            Some(t) if valid_token(t) => t.to_string(),
+            Some(_) => return Ok(Rotation::BadToken),
+            None => random_b64(TOKEN_BYTES)?,
+        };
         let hash = hash_token(&token);
         let mut log = self.log.lock();
-        if !self.exists(queue) {
-            return Ok(None);
+        match self.authorize(queue, presented) {
+            Auth::Ok => {}
+            Auth::Unauthorized => return Ok(Rotation::Refused(Auth::Unauthorized)),
+            Auth::Forbidden => return Ok(Rotation::Refused(Auth::Forbidden)),
+        }
+        if self.authorize(queue, &token) == Auth::Ok {
+            return Ok(Rotation::Done(token)); // already current: a repeated rotation
         }
         if self.maps.read().by_hash.contains_key(&hash) {
-            return Err(io::Error::other("token collision: the OS RNG is broken"));
+            return Ok(Rotation::BadToken); // another account's token
         }
         // A second "+" line for the queue replaces the first when the file is read.
         append_line(&mut log.file, &format!("+ {queue} {}\n", hex(&hash)))?;
@@ -276,7 +314,7 @@ impl Accounts {
             }
         }
         log.dead_lines += 1;
-        Ok(Some(token))
+        Ok(Rotation::Done(token))
     }
 
     /// Checks `token` for `queue`. The hash comparison is constant-time.
@@ -451,12 +489,37 @@ mod tests {
         let (a, _) = Accounts::open(&path).unwrap();
         let (q, old) = a.create().unwrap();
         let watch = a.subscribe(&q).unwrap();
-        let new = a.rotate_token(&q).unwrap().unwrap();
+        let Rotation::Done(new) = a.rotate_token(&q, &old, None).unwrap() else {
+            panic!()
+        };
         assert_ne!(old, new);
         assert_eq!(a.authorize(&q, &old), Auth::Unauthorized);
         assert_eq!(a.authorize(&q, &new), Auth::Ok);
         assert!(watch.has_changed().unwrap(), "sessions are told");
-        assert!(a.rotate_token("nobody").unwrap().is_none());
+        assert_eq!(
+            a.rotate_token("nobody", &new, None).unwrap(),
+            Rotation::Refused(Auth::Forbidden)
+        );
+        // The old token cannot rotate again (two rotations racing: one wins).
+        assert_eq!(
+            a.rotate_token(&q, &old, None).unwrap(),
+            Rotation::Refused(Auth::Unauthorized)
+        );
+        // A chosen token; repeating that rotation with it is a no-op.
+        let chosen = random_b64(TOKEN_BYTES).unwrap();
+        assert_eq!(
+            a.rotate_token(&q, &new, Some(&chosen)).unwrap(),
+            Rotation::Done(chosen.clone())
+        );
+        assert_eq!(
+            a.rotate_token(&q, &chosen, Some(&chosen)).unwrap(),
+            Rotation::Done(chosen.clone())
+        );
+        assert_eq!(
+            a.rotate_token(&q, &chosen, Some("short")).unwrap(),
+            Rotation::BadToken
+        );
+        let new = chosen;
         drop(a);
         let (b, _) = Accounts::open(&path).unwrap();
         assert_eq!(b.authorize(&q, &old), Auth::Unauthorized);

@@ -423,6 +423,7 @@ fn app_state(
             default_ttl: cli.default_ttl,
             max_ttl: cli.max_ttl,
             max_message_bytes: cli.max_message_bytes as usize,
+            inline_reads: cli.durability != cli::DurabilityArg::Async,
         },
         send_limit: Limiter::new(cli.send_rate, cli.send_burst),
         inbound_limit: Limiter::new(budget / 60.0, budget + routes::PER_MESSAGE_COST as f64),

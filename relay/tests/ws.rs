@@ -576,6 +576,33 @@ async fn a_rotated_token_ends_the_old_one_and_its_sessions_at_once() {
         Err(WsError::Http(resp)) if resp.status() == 401
     ));
     let _ws = open(&r, &q, &new).await;
+    // A client may choose the new token: then a rotation whose answer it lost is simply
+    // repeated with that token (a no-op), and the old one is dead either way.
+    let chosen = "Q".repeat(42) + "A";
+    let choose = |token: &str| {
+        c.post(r.url(&format!("/v1/accounts/{q}/token")))
+            .bearer_auth(token)
+            .body(format!(r#"{{"token": "{chosen}"}}"#))
+            .send()
+    };
+    let resp = choose(&new).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["token"],
+        chosen.as_str()
+    );
+    assert_eq!(
+        choose(&new).await.unwrap().status(),
+        401,
+        "the old token again"
+    );
+    assert_eq!(
+        choose(&chosen).await.unwrap().status(),
+        200,
+        "the repeat is a no-op"
+    );
+    assert_eq!(read(&new).await.unwrap().status(), 401);
+    let new = chosen.clone();
     // Durable: after a restart only the new token works.
     let st = r.signal_and_wait("TERM", Duration::from_secs(15));
     assert!(st.success());

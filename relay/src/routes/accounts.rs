@@ -8,7 +8,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::{authorize, AppState};
+use super::{authorize, bearer, AppState};
+use crate::accounts::{Auth, Rotation};
 use crate::errors::{blocking, ApiError};
 use crate::limits::client_key;
 use crate::metrics::inc;
@@ -31,22 +32,56 @@ pub async fn create(
     ))
 }
 
-/// `POST /v1/accounts/{queue}/token` with the current token: a new token,
-/// `200 {"token"}`. The old one stops working at once; WebSocket sessions opened with it
-/// are closed (4002) and must reconnect with the new one.
+/// `POST /v1/accounts/{queue}/token` with the current token, optionally with a body
+/// `{"token": "<43 base64url characters>"}` choosing the new one: `200 {"token"}`. The
+/// old token stops working at once; WebSocket sessions opened with it are closed (4002).
+/// A client that chose its token and lost the answer repeats the request with the new
+/// token: that is a no-op `200`.
 pub async fn rotate_token(
     State(app): State<AppState>,
     Path(queue): Path<String>,
     headers: HeaderMap,
+    body: axum::body::Body,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&app, &headers, &queue)?;
+    let Some(presented) = bearer(&headers).map(str::to_string) else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token",
+        ));
+    };
+    let body = super::messages::read_body(body, &headers, 1024).await?;
+    let chosen = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Chosen {
+            token: String,
+        }
+        let c: Chosen = serde_json::from_slice(&body)
+            .map_err(|_| ApiError::bad_request(r#"body must be empty or {"token": "<token>"}"#))?;
+        Some(c.token)
+    };
     let a = Arc::clone(&app);
-    let token = blocking(move || a.accounts.rotate_token(&queue))
-        .await?
-        // Removed between the check and the rotation.
-        .ok_or(ApiError::new(StatusCode::UNAUTHORIZED, "invalid token"))?;
-    inc(&app.metrics.tokens_rotated, 1);
-    Ok(Json(json!({ "token": token })))
+    let r = blocking(move || {
+        a.accounts
+            .rotate_token(&queue, &presented, chosen.as_deref())
+    })
+    .await?;
+    match r {
+        Rotation::Done(token) => {
+            inc(&app.metrics.tokens_rotated, 1);
+            Ok(Json(json!({ "token": token })))
+        }
+        Rotation::Refused(Auth::Forbidden) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "token is not for this queue",
+        )),
+        Rotation::Refused(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid token")),
+        Rotation::BadToken => Err(ApiError::bad_request(
+            "a chosen token must be 43 base64url characters (256 random bits)",
+        )),
+    }
 }
 
 /// Removes the account, then purges its queue: `204`.

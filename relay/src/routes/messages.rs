@@ -65,7 +65,7 @@ fn ttl(headers: &HeaderMap, cfg: &Config) -> Result<Duration, ApiError> {
 /// A request body must arrive within this.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes, ApiError> {
+pub async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

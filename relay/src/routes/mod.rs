@@ -28,6 +28,9 @@ pub struct Config {
     pub default_ttl: Duration,
     pub max_ttl: Duration,
     pub max_message_bytes: usize,
+    /// WebSocket sessions may read new messages on their own task: they are written
+    /// before they become readable (not so with Async durability).
+    pub inline_reads: bool,
 }
 
 /// Everything the handlers share.

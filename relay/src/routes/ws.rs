@@ -9,8 +9,10 @@
 //! waiting for its record's fsync (`Store::ack_batch_nowait`: no I/O, so it runs on the
 //! session's own task): the message is gone at once and its record is synced with the
 //! writer's next commit; a crash in between redelivers it. Reads of new messages (just
-//! written through the page cache) run in place too; the backlog is read on the blocking
-//! pool. So a delivered message costs no thread hand-off beyond the engine's own.
+//! written through the page cache) run in place too, except under Async durability
+//! (there a message is readable before it is written, and its read waits for the write);
+//! the backlog is read on the blocking pool. Acks that cross the server's close frame
+//! still count. So a delivered message costs no thread hand-off beyond the engine's own.
 //!
 //! At most `--sessions-per-queue` sessions per queue (default 1): a new one displaces the
 //! oldest, which is closed with code 4001. A client that answers neither pings nor
@@ -326,10 +328,17 @@ impl Session {
                 // The closing handshake: wait (briefly) for the client's close frame, so
                 // closing the socket does not reset the connection under the client's
                 // read of ours.
+                // Acks that cross our close frame still count.
                 let _ = tokio::time::timeout(CLOSE_WAIT, async {
                     while let Some(Ok(m)) = socket.recv().await {
-                        if matches!(m, Message::Close(_)) {
-                            break;
+                        match m {
+                            Message::Close(_) => break,
+                            Message::Text(t) => {
+                                if let Some(id) = parse_ack(t.as_str()) {
+                                    let _ = self.ack(id);
+                                }
+                            }
+                            _ => {}
                         }
                     }
                 })
@@ -355,6 +364,10 @@ impl Session {
             Err(cinder::Error::Closed) => {
                 Next::End(Some(close(close_code::AWAY, "server shutting down")))
             }
+            // The disk refused a segment for ack records: the acks wait in the engine
+            // until space frees (a crash before then redelivers them). Not this
+            // session's fault, and not a reason to end it.
+            Err(cinder::Error::DiskFull { .. }) => Next::Continue,
             Err(e) => internal_error("ack", &e),
         }
     }
@@ -417,7 +430,9 @@ impl Session {
         let batch = room.min(READ_BATCH);
         let store = Arc::clone(&self.app().store);
         let (q, cursor) = (Arc::clone(&self.queue), self.cursor);
-        let read = if self.backlog {
+        // With Async durability a message is readable before the writer has written it,
+        // and reading it waits for that write: such reads go to the blocking pool too.
+        let read = if self.backlog || !self.app.cfg.inline_reads {
             tokio::task::spawn_blocking(move || store.read(q.as_bytes(), cursor, batch))
                 .await
                 .unwrap_or_else(|e| {
